@@ -1,7 +1,7 @@
 """NIfTI input validation and atomic output, shared by every CLI and by data_prep.
 
 Bad input raises `InputError` with a one-line message meant for the user; binaries catch it,
-print ``error: <message>`` on stderr and exit with status 2 (see `cli.run_main`).
+print ``error: <message>`` on stderr and exit with status 2 (see `cli.one_line_errors`).
 Outputs are written to a temporary file in the destination folder and renamed, so a crash
 never leaves a half-written file under the final name.
 """

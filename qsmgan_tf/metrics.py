@@ -1,0 +1,133 @@
+"""Accuracy of a susceptibility map against a ground truth: the QSM-CI metrics plus PSNR.
+
+Every number except PSNR comes from `qsm_ci.qsm_eval.score_arrays` (the scorer of the public
+QSM-CI leaderboard, pinned in setup.py), so results are comparable with it; nothing it computes is
+re-implemented here. Keys keep QSM-CI's names:
+
+  nrmse           100 ||(x - mean x) - (y - mean y)|| / ||y - mean y|| in the mask, %
+  nrmse_detrend   the same after a linear fit of x on y ("dNRMSE"), %
+  hfen            high-frequency error norm (LoG, sigma 1.5 voxels), %
+  xsim            SSIM for QSM (5^3 window, L = 1 ppm, K = (0.01, 0.001))
+  correlation     Pearson correlation in the mask
+  coverage        fraction of the mask with a finite, non-zero reconstruction
+  psnr            see `psnr`, dB (ours)
+
+With a segmentation (QSM-CI labels: 1-6 deep grey nuclei, 7 thalamus, 8 WM, 9 GM, 10 CSF,
+11 blood, 16 calcification) QSM-CI adds nrmse_tissue, nrmse_blood, nrmse_dgm, dgm_linearity
+(|1 - slope| of the nuclei means), calc_moment_dev and calc_streak, and per-region statistics,
+which `evaluate` returns separately under the key ``'regions'``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from qsmgan_tf import nifti_io
+
+HEADLINE_METRICS = ("nrmse", "nrmse_detrend", "hfen", "xsim", "correlation", "psnr")
+"""The scalar metrics reported for every map (with or without a segmentation)."""
+
+SEGMENTATION_METRICS = ("dgm_linearity", "nrmse_tissue", "nrmse_dgm", "nrmse_blood",
+                        "calc_moment_dev", "calc_streak")
+"""The scalar metrics QSM-CI adds when a segmentation is given."""
+
+
+def _prepare(chi_ppm, truth_ppm, mask, demean: bool):
+  """Float64 copies, zero outside the mask, non-finite recon voxels 0 (as QSM-CI scores them)."""
+  chi = np.asarray(chi_ppm, dtype=np.float64)
+  truth = np.asarray(truth_ppm, dtype=np.float64)
+  mask = np.asarray(mask).astype(bool)
+  if chi.ndim != 3 or chi.shape != truth.shape or chi.shape != mask.shape:
+    raise nifti_io.InputError(f"shape mismatch: map {chi.shape}, truth {truth.shape}, "
+                              f"mask {mask.shape}; all must be the same 3D shape")
+  if not mask.any():
+    raise nifti_io.InputError("mask is empty")
+  if not np.isfinite(truth[mask]).all():
+    raise nifti_io.InputError("truth has NaN or infinite values inside the mask")
+  chi = np.where(mask & np.isfinite(chi), chi, 0.0)
+  truth = np.where(mask, truth, 0.0)
+  if demean:
+    # chi is relative (D(0) = 0): compare shapes, not offsets.
+    chi[mask] -= chi[mask].mean()
+    truth[mask] -= truth[mask].mean()
+  return chi, truth, mask
+
+
+def psnr(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray) -> float:
+  """Peak signal-to-noise ratio of a map against the truth, dB.
+
+  Definition: both maps have their mean over the mask removed; then
+  ``PSNR = 20 log10(peak / RMSE)`` with ``RMSE`` the root mean square difference over the mask
+  voxels and ``peak = max - min`` of the (de-meaned) truth over the mask, so a map that is off by
+  a constant scores like the truth itself and the value does not depend on the truth's offset.
+  Non-finite map voxels count as 0, as in QSM-CI.
+
+  Args:
+    chi_ppm: reconstruction, ppm.
+    truth_ppm: ground truth, ppm.
+    mask: voxels to score (bool).
+
+  Returns:
+    PSNR in dB; ``inf`` for a map identical to the truth up to a constant.
+
+  Raises:
+    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+  """
+  chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean=True)
+  return _psnr_prepared(chi, truth, mask)
+
+
+def _psnr_prepared(chi, truth, mask) -> float:
+  peak = float(truth[mask].max() - truth[mask].min())
+  rmse = math.sqrt(float(np.mean((chi[mask] - truth[mask]) ** 2)))
+  if rmse == 0.0:
+    return math.inf
+  if peak == 0.0:
+    return -math.inf
+  return 20.0 * math.log10(peak / rmse)
+
+
+def evaluate(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray,
+             seg: np.ndarray | None = None, demean: bool = True) -> dict[str, Any]:
+  """QSM-CI metrics (`qsm_ci.qsm_eval.score_arrays`, kind 'chi') plus PSNR.
+
+  Args:
+    chi_ppm: reconstruction, ppm, 3D.
+    truth_ppm: ground truth, ppm, same shape.
+    mask: voxels to score (bool), same shape.
+    seg: optional integer label map in QSM-CI's labels (see the module docstring): adds the
+      deep-grey-matter linearity, tissue/blood/calcification metrics and per-region statistics.
+    demean: remove each map's mean over the mask first (the project's convention: chi is
+      relative). NRMSE, dNRMSE, correlation and DGM linearity do not depend on it; XSIM and
+      HFEN do, through the map's offset and its step at the mask edge.
+
+  Returns:
+    A dict of floats keyed by QSM-CI's metric names (see the module docstring) plus ``'psnr'``;
+    with ``seg``, also ``'regions'``: QSM-CI's per-region summary
+    ``{'labels': {id: name}, 'recon': {id: stats}, 'truth': {id: stats}}``.
+
+  Raises:
+    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+  """
+  from qsm_ci import qsm_eval  # pylint: disable=import-outside-toplevel
+
+  chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean)
+  if seg is not None:
+    seg = np.asarray(seg)
+    if seg.shape != mask.shape:
+      raise nifti_io.InputError(f"segmentation shape {seg.shape} does not match {mask.shape}")
+    seg = seg.astype(np.int32)
+  # Coverage is QSM-CI's count of finite, non-zero voxels: take it from the map as given, since
+  # de-meaning makes zeros (dropped voxels) non-zero.
+  raw = np.asarray(chi_ppm)
+  coverage = float((np.isfinite(raw) & (raw != 0) & mask).sum() / mask.sum())
+  metrics, regions = qsm_eval.score_arrays(chi, truth, mask.astype(np.uint8), kind="chi", seg=seg)
+  out: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+  out["coverage"] = coverage
+  out["psnr"] = _psnr_prepared(chi, truth, mask)
+  if regions is not None:
+    out["regions"] = regions
+  return out

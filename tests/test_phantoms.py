@@ -1,0 +1,195 @@
+"""Tests for data_prep.phantoms (ICBM152 brains, drawing primitives) and data_prep.shapes."""
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from data_prep import phantoms
+from data_prep import shapes
+
+BRAIN_SHAPE = (48, 56, 48)
+
+
+@pytest.fixture(scope="module")
+def brain():
+  return phantoms.brain_phantom(3, (96, 112, 96))
+
+
+@pytest.fixture(scope="module")
+def brain_lesions():
+  return phantoms.brain_phantom(5, BRAIN_SHAPE, lesions=True)
+
+
+def test_template_loads_without_network(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise OSError("network access attempted")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "getaddrinfo", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  phantoms.load_template.cache_clear()
+  template = phantoms.load_template()
+  # A whole adult brain at 1 mm: about 145 x 180 x 155 mm with its tissue fractions summing to 1.
+  assert 130 < template.extent_mm[0] < 160 and 165 < template.extent_mm[1] < 200
+  total = template.p_gm + template.p_wm + template.p_csf
+  np.testing.assert_allclose(total[template.mask], 1.0, atol=1e-4)
+  assert np.all(total[~template.mask] == 0)
+
+
+def test_same_seed_gives_identical_phantom():
+  a = phantoms.brain_phantom(11, BRAIN_SHAPE, lesions=True)
+  b = phantoms.brain_phantom(11, BRAIN_SHAPE, lesions=True)
+  np.testing.assert_array_equal(a.chi_ppm, b.chi_ppm)
+  np.testing.assert_array_equal(a.seg, b.seg)
+  assert a.meta == b.meta
+
+
+def test_seeds_give_different_brains():
+  a = phantoms.brain_phantom(1, BRAIN_SHAPE)
+  b = phantoms.brain_phantom(2, BRAIN_SHAPE)
+  dice = 2 * np.sum(a.mask & b.mask) / (a.mask.sum() + b.mask.sum())
+  assert dice < 0.97  # different affine + warp
+  assert dice > 0.7   # but both are brains in the same place
+  assert a.meta["tissue_chi_ppm"] != b.meta["tissue_chi_ppm"]
+  assert a.meta["rotation_deg"] != b.meta["rotation_deg"]
+
+
+def test_labels_mask_and_zero_outside(brain):
+  assert brain.chi_ppm.dtype == np.float32 and brain.seg.dtype == np.int16
+  assert brain.mask.dtype == bool
+  np.testing.assert_array_equal(brain.seg > 0, brain.mask)
+  assert np.all(brain.chi_ppm[~brain.mask] == 0)
+  assert np.all(brain.pd[~brain.mask] == 0)
+  # Every healthy label is present, nothing else.
+  assert set(np.unique(brain.seg)) == set(range(12))
+  # The grid fits the brain: at most a sliver of it touches the border.
+  border = np.ones(brain.mask.shape, bool)
+  border[1:-1, 1:-1, 1:-1] = False
+  assert brain.mask[border].mean() < 0.01
+
+
+def test_tissue_means_match_drawn_literature_values(brain):
+  for label in range(1, 11):
+    drawn = brain.meta["tissue_chi_ppm"][str(label)]
+    lo, hi = phantoms.CHI_RANGES_PPM[label]
+    assert lo <= drawn <= hi, label
+    # Core voxels (away from partial-volume edges); nuclei carry a +-15 % iron texture.
+    core = scipy.ndimage.binary_erosion(brain.seg == label)
+    if label in (4, 6) and core.sum() < 10:
+      core = brain.seg == label  # red nucleus / nigra are a few voxels at this zoom
+    mean = float(brain.chi_ppm[core].mean())
+    tol = 0.25 * abs(drawn) if label <= 7 else max(0.15 * abs(drawn), 0.004)
+    assert abs(mean - drawn) < tol, (label, mean, drawn)
+  # Deep grey matter is paramagnetic relative to white matter, veins most of all.
+  wm = brain.chi_ppm[brain.seg == 8].mean()
+  for label in (1, 2, 3, 11):
+    assert brain.chi_ppm[brain.seg == label].mean() > wm + 0.05
+  assert brain.chi_ppm[brain.seg == 11].max() > 0.3
+
+
+def test_lesions_are_counted_and_in_range(brain_lesions):
+  meta = brain_lesions.meta["lesions"]
+  bleeds = [p for p in meta if p["type"] == "microbleed"]
+  calcs = [p for p in meta if p["type"] == "calcification"]
+  assert 2 <= len(bleeds) <= 5 and len(calcs) == 1
+  for label, expected in ((17, bleeds), (16, calcs)):
+    _, n = scipy.ndimage.label(brain_lesions.seg == label)
+    assert n == len(expected)
+    for lesion in expected:
+      lo, hi = phantoms.CHI_RANGES_PPM[label]
+      assert lo <= lesion["chi_ppm"] <= hi
+  assert brain_lesions.chi_ppm.max() >= min(p["chi_ppm"] for p in bleeds) - 1e-6
+  assert brain_lesions.chi_ppm.min() < -0.15
+
+
+def test_no_lesions_unless_asked():
+  healthy = phantoms.brain_phantom(5, BRAIN_SHAPE)
+  assert healthy.meta["lesions"] == []
+  assert not np.isin(healthy.seg, [16, 17]).any()
+
+
+def test_anisotropic_voxels_keep_the_anatomy(brain):
+  aniso = phantoms.brain_phantom(3, (96, 112, 48), (1.0, 1.0, 2.0))
+  assert brain.meta["anatomy_zoom"] == aniso.meta["anatomy_zoom"]  # same field of view
+  volume_iso = brain.mask.sum() * 1.0
+  volume_aniso = aniso.mask.sum() * 2.0
+  assert abs(volume_aniso - volume_iso) / volume_iso < 0.02
+  # Pairs of 1 mm slices straddle each 2 mm voxel centre: same anatomy, same warp.
+  pairs = 0.5 * (brain.chi_ppm[:, :, 0::2] + brain.chi_ppm[:, :, 1::2])
+  assert np.corrcoef(pairs.ravel(), aniso.chi_ppm.ravel())[0, 1] > 0.95
+
+
+def test_fov_smaller_than_brain_shrinks_anatomy():
+  assert phantoms.fit_zoom((176, 208, 176), (1, 1, 1), (145, 182, 155)) == 1.0
+  zoom = phantoms.fit_zoom((48, 56, 48), (1, 1, 1), (145, 182, 155))
+  assert zoom == pytest.approx((48 - 8) / 155)
+  assert phantoms.natural_shape(phantoms.BRAIN_FOV_MM, (1, 1, 2)) == (176, 208, 88)
+
+
+@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (0.7, 1.0, 1.5)])
+def test_primitive_volumes_are_analytic(voxel):
+  grid = phantoms.Grid.centred((64, 64, 48), voxel)
+  dv = float(np.prod(voxel))
+  # Rotated ellipsoid: 4/3 pi abc.
+  sl, occ = phantoms.ellipsoid_region(grid, (2.0, -3.0, 1.0), (9.0, 6.0, 5.0),
+                                      phantoms.euler_rotation((20, 30, 40)))
+  assert occ.sum() * dv == pytest.approx(4 / 3 * math.pi * 9 * 6 * 5, rel=0.03)
+  # Finite cylinder: pi r^2 * 2h.
+  sl, occ = phantoms.cylinder_region(grid, (0, 0, 0), (1, 1, 0.5), 4.0, 10.0)
+  assert occ.sum() * dv == pytest.approx(math.pi * 16 * 20, rel=0.04)
+  # Straight tube: pi r^2 L plus two hemispherical caps.
+  pts = phantoms.bezier_points([(-12, 0, 0), (12, 4, 2)])
+  sl, occ = phantoms.tube_region(grid, pts, 2.0)
+  length = float(np.linalg.norm([24, 4, 2]))
+  assert occ.sum() * dv == pytest.approx(math.pi * 4 * length + 4 / 3 * math.pi * 8, rel=0.05)
+  assert occ.shape == tuple(s.stop - s.start for s in sl)
+
+
+def test_paint_replaces_and_labels():
+  grid = phantoms.Grid.centred((32, 32, 32), (1, 1, 1))
+  canvas = phantoms.Canvas.empty(grid)
+  canvas.chi[:] = 0.1
+  canvas.paint(phantoms.ellipsoid_region(grid, (0, 0, 0), (6, 6, 6)), 1.0, 17)
+  assert canvas.chi[16, 16, 16] == pytest.approx(1.0)
+  assert canvas.chi[0, 0, 0] == pytest.approx(0.1)
+  assert canvas.seg[16, 16, 16] == 17 and canvas.seg[0, 0, 0] == 0
+  assert canvas.r2s[16, 16, 16] == pytest.approx(phantoms.R2STAR_HZ[17])
+  canvas.paint(phantoms.ellipsoid_region(grid, (0, 0, 0), (3, 3, 3)), 0.5, None, additive=True)
+  assert canvas.chi[16, 16, 16] == pytest.approx(1.5)
+
+
+def test_smooth_field_statistics():
+  rng = np.random.default_rng(0)
+  field = phantoms.smooth_field((40, 48, 32), rng, 8.0)
+  assert abs(field.mean()) < 1e-5 and field.std() == pytest.approx(1.0, rel=1e-3)
+  # Smooth: neighbours nearly equal.
+  assert np.corrcoef(field[1:].ravel(), field[:-1].ravel())[0, 1] > 0.95
+  again = phantoms.smooth_field((40, 48, 32), np.random.default_rng(0), 8.0)
+  np.testing.assert_array_equal(field, again)
+
+
+def test_shapes_phantom():
+  a = shapes.shapes_phantom(4, (48, 48, 48))
+  b = shapes.shapes_phantom(4, (48, 48, 48))
+  np.testing.assert_array_equal(a.chi_ppm, b.chi_ppm)
+  assert 0.05 < a.mask.mean() < 0.7
+  assert np.all(a.chi_ppm[~a.mask] == 0)
+  assert a.chi_ppm.min() >= shapes.CHI_RANGE_PPM[0] and a.chi_ppm.max() <= shapes.CHI_RANGE_PPM[1]
+  assert set(np.unique(a.seg)) <= {0, 8, 11, 12}
+  np.testing.assert_array_equal(a.seg > 0, a.mask)
+  # Wide range across a few seeds: strongly diamagnetic and paramagnetic sources both occur.
+  values = np.concatenate([shapes.shapes_phantom(s, (32, 32, 32)).chi_ppm.ravel()
+                           for s in range(4)])
+  assert values.min() < -0.4 and values.max() > 0.6
+  assert not np.array_equal(shapes.shapes_phantom(5, (48, 48, 48)).mask, a.mask)
+
+
+def test_shapes_lesions():
+  phantom = shapes.shapes_phantom(6, (48, 48, 48), lesions=True)
+  n_bleeds = sum(p["type"] == "microbleed" for p in phantom.meta["lesions"])
+  assert n_bleeds >= 2
+  _, n = scipy.ndimage.label(phantom.seg == 17)
+  assert n == n_bleeds
