@@ -1,0 +1,271 @@
+"""Tests for qsmgan_tf.export: the TF Serving SavedModel layout, signatures and contract."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from qsmgan_tf import export
+from qsmgan_tf import inference
+from qsmgan_tf import networks
+from qsmgan_tf.nifti_io import InputError
+
+keras = pytest.importorskip("keras")
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_MANIFEST_SHA = "5b1f0c9e" * 8
+
+
+def _contract(config):
+  """A contract shaped like training.build_contract's."""
+  return {
+      "generator": config.to_dict(),
+      "input_patch": config.input_patch,
+      "output_patch": config.output_patch,
+      "voxel_sizes_mm": [[1.0, 1.0, 1.0]],
+      "b0_dir": [0.0, 0.0, 1.0],
+      "dipole_convention": "D(k) = 1/3 - (k.b0)^2/|k|^2, D(0) = 0",
+      "normalisation": {"input": "field_ppm * 10.0", "output": "linear, chi_scale 10.0"},
+      "data_manifest_sha256": _MANIFEST_SHA,
+      "code_version": "0.1.0",
+  }
+
+
+def _run_export(*args):
+  return subprocess.run([sys.executable, "-m", "qsmgan_tf.export", *map(str, args)], cwd=_REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A test_tiny training folder, exported: (version dir, generator, contract)."""
+  keras.utils.set_random_seed(11)
+  config = networks.PRESETS["test_tiny"]
+  generator = networks.build_generator(config)
+  # Non-trivial BatchNorm statistics: inference must use them (training=False), not batch stats.
+  rng = np.random.default_rng(0)
+  for layer in generator.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.moving_mean.assign(rng.normal(size=layer.moving_mean.shape) * 0.1)
+      layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=layer.moving_variance.shape))
+  model_dir = tmp_path_factory.mktemp("run")
+  (model_dir / "contract.json").write_text(json.dumps(_contract(config)))
+  generator.save(model_dir / "generator_best.keras")
+  base = model_dir.parent / "saved_models" / "qsmgan"
+  (base / "notes").mkdir(parents=True)  # not a version: TF Serving and export ignore it
+  # In-process (the binary's main is this call plus flags; its error paths are tested below).
+  path = export.export_model(model_dir, base)
+  assert path == base / "1"
+  return path, generator, _contract(config)
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+  return export.load(exported[0])
+
+
+def test_serving_default_matches_keras_model(exported, loaded):
+  _, generator, contract = exported
+  model, _ = loaded
+  signature = model.signatures["serving_default"]
+  spec = signature.structured_input_signature[1]["field_ppm"]
+  assert spec.shape.as_list() == [None, contract["input_patch"], contract["input_patch"],
+                                  contract["input_patch"], 1]
+  x = (np.random.default_rng(1).normal(size=(3, 24, 24, 24, 1)) * 0.05).astype(np.float32)
+  out = signature(field_ppm=tf.constant(x))
+  assert list(out) == ["chi_ppm"]
+  assert out["chi_ppm"].shape == (3, 16, 16, 16, 1)
+  np.testing.assert_allclose(out["chi_ppm"].numpy(), generator(x, training=False).numpy(),
+                             atol=1e-6)
+  # The exported BatchNorm statistics are the trained ones: with default statistics (a copy of
+  # the weights with moving mean 0 / variance 1) the answer differs. (Not training=True here:
+  # that would update the shared generator's statistics.)
+  fresh = networks.build_generator(networks.PRESETS["test_tiny"])
+  fresh.set_weights(generator.get_weights())
+  for layer in fresh.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.moving_mean.assign(np.zeros(layer.moving_mean.shape))
+      layer.moving_variance.assign(np.ones(layer.moving_variance.shape))
+  assert np.abs(fresh(x, training=False).numpy() - out["chi_ppm"].numpy()).max() > 1e-3
+
+
+def test_predict_volume_equals_inference_local_path(exported, loaded):
+  _, generator, contract = exported
+  model, served_contract = loaded
+  shape = (30, 28, 26)
+  idx = np.indices(shape)
+  mask = ((((idx - np.reshape([14.5, 13.5, 12.5], (3, 1, 1, 1))) / 11.0) ** 2).sum(0) < 1
+          ).astype(np.float32)
+  field = (np.random.default_rng(2).normal(size=shape) * 0.02 * mask).astype(np.float32)
+  b0, voxel = np.float32([0.0, 0.6, 0.8]), np.float32([1.0, 1.0, 1.2])
+  served = model.signatures["predict_volume"](field_ppm=field, mask=mask, b0_dir=b0,
+                                              voxel_size_mm=voxel)
+  local = inference.make_predict_volume_fn(generator, served_contract)(field, mask, b0, voxel)
+  assert set(served) == set(local)
+  for key in local:
+    np.testing.assert_allclose(served[key].numpy(), local[key].numpy(), atol=1e-5, err_msg=key)
+  net = model.signatures["network_volume"](field_ppm=field, mask=mask)["chi_ppm"].numpy()
+  np.testing.assert_allclose(net, served["chi_net_ppm"].numpy(), atol=1e-6)
+  # The refinement ran and lowered the field residual.
+  assert served["residual_after"].numpy() < served["residual_before"].numpy()
+  chi_net = served["chi_net_ppm"].numpy()
+  refined = model.signatures["refine"](chi_net_ppm=chi_net, field_ppm=field, mask=mask,
+                                       b0_dir=b0, voxel_size_mm=voxel)
+  np.testing.assert_allclose(refined["chi_ppm"].numpy(), served["chi_ppm"].numpy(), atol=1e-5)
+
+
+def test_weights_are_stored_once(exported):
+  path, generator, _ = exported
+  stored = tf.train.list_variables(str(path / "variables" / "variables"))
+  values = sum(int(np.prod(shape)) for name, shape in stored if "OBJECT_GRAPH" not in name)
+  assert values == networks.count_parameters(generator)
+
+
+def test_contract_travels_in_assets_and_signature(exported, loaded):
+  path, _, contract = exported
+  _, served = loaded
+  on_disk = json.loads((path / "assets" / "contract.json").read_text())
+  assert on_disk == served
+  for key, value in contract.items():
+    assert served[key] == value, key
+  assert served["refine"] == {"mu": 0.003, "iterations": 15, "margin": 12}
+  assert served["export"]["version"] == 1
+  assert served["export"]["source"] == "generator_best.keras"
+  assert served["export"]["signatures"] == ["serving_default", "predict_volume",
+                                            "network_volume", "refine", "contract"]
+
+
+def test_contract_visible_in_saved_model_cli(exported):
+  path, _, _ = exported
+  cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
+  command = [str(cli)] if cli.exists() else [sys.executable, "-m",
+                                              "tensorflow.python.tools.saved_model_cli"]
+  proc = subprocess.run(command + ["show", "--dir", str(path), "--all"], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = proc.stdout
+  for signature in ("serving_default", "predict_volume", "network_volume", "refine", "contract"):
+    assert f"signature_def['{signature}']" in text
+  assert "shape: (-1, 24, 24, 24, 1)" in text and "shape: (-1, 16, 16, 16, 1)" in text
+  contract_section = text[text.index("Function Name: 'contract'"):]
+  for needle in (_MANIFEST_SHA, "'input_patch': 24", "'output_patch': 16", "dipole_convention",
+                 "'mu': 0.003", "voxel_sizes_mm"):
+    assert needle in contract_section, needle
+
+
+def test_contract_patch_sizes_must_match_the_generator(tmp_path):
+  config = networks.PRESETS["test_tiny"]
+  generator = networks.build_generator(config)
+  contract = _contract(config)
+  contract["generator"] = dict(contract["generator"], output_patch=12)
+  with pytest.raises(InputError, match="says 12"):
+    export.export_generator(generator, contract, tmp_path / "base", volume_signatures=False)
+  assert export.list_versions(tmp_path / "base") == []
+  assert os.listdir(tmp_path / "base") == []
+
+
+# --------------------------------------------------------------------------------------
+# Version folders (the archive is faked: these test the folder logic, not TF)
+# --------------------------------------------------------------------------------------
+class _FakeArchive:
+  """Stands in for the ExportArchive: writes a marker file; optionally dies half-way."""
+
+  def __init__(self, base, fail=False):
+    self.base, self.fail, self.written = base, fail, None
+
+  def write_out(self, filepath, verbose=True):  # pylint: disable=unused-argument
+    filepath = pathlib.Path(filepath)
+    filepath.mkdir()
+    (filepath / "saved_model.pb").write_bytes(b"partial")
+    # While writing, a polling server sees no new version: the folder is hidden.
+    assert filepath.parent.name.startswith(".tmp-")
+    assert export.list_versions(self.base) == self.before
+    self.written = filepath
+    if self.fail:
+      raise RuntimeError("disk full (injected)")
+
+
+@pytest.fixture
+def fake_archive(monkeypatch):
+  made = []
+
+  def build(generator, contract, asset_dir, volume_signatures=True):
+    del generator, asset_dir, volume_signatures
+    archive = made[-1]
+    archive.before = export.list_versions(archive.base)
+    archive.contract = contract
+    return archive
+
+  monkeypatch.setattr(export, "build_archive", build)
+  return made
+
+
+def test_versions_count_up_and_are_immutable(tmp_path, fake_archive):
+  base = tmp_path / "qsmgan"
+  assert export.next_version(base) == 1  # missing base
+  base.mkdir()
+  (base / ".tmp-4-abc").mkdir()  # a crashed export
+  (base / "notes").mkdir()
+  (base / "7").write_text("a file, not a version folder")
+  assert export.list_versions(base) == [] and export.next_version(base) == 1
+  for expected, version in ((1, None), (2, None), (10, 10), (11, None)):
+    fake_archive.append(_FakeArchive(base))
+    path = export.export_generator(None, {}, base, version)
+    assert path == base / str(expected)
+    assert (path / "saved_model.pb").read_bytes() == b"partial"
+    assert fake_archive[-1].contract["export"]["version"] == expected
+  assert export.list_versions(base) == [1, 2, 10, 11]
+  with pytest.raises(InputError, match="version 2 exists already"):
+    export.export_generator(None, {}, base, 2)
+  with pytest.raises(InputError, match="positive integer"):
+    export.export_generator(None, {}, base, 0)
+  assert sorted(p.name for p in base.iterdir()) == [".tmp-4-abc", "1", "10", "11", "2", "7",
+                                                    "notes"]
+
+
+def test_failed_export_leaves_no_version_folder(tmp_path, fake_archive):
+  base = tmp_path / "qsmgan"
+  fake_archive.append(_FakeArchive(base))
+  export.export_generator(None, {}, base, None)
+  fake_archive.append(_FakeArchive(base, fail=True))
+  with pytest.raises(RuntimeError, match="injected"):
+    export.export_generator(None, {}, base, None)
+  assert fake_archive[-1].written is not None  # it did fail half-way through
+  assert export.list_versions(base) == [1]
+  assert sorted(p.name for p in base.iterdir()) == ["1"]  # and cleaned up its temp folder
+
+
+def test_resolve_and_load_errors(exported, tmp_path):
+  path, _, _ = exported
+  assert export.resolve_saved_model(path.parent) == path  # base path -> newest version
+  with pytest.raises(InputError, match="no SavedModel"):
+    export.resolve_saved_model(tmp_path)
+
+
+@pytest.mark.parametrize("case, message", [
+    # no contract.json
+    ("empty", "has no contract.json"),
+    # contract but no generator file
+    ("no_generator", "has no generator_final.keras"),
+    # the version exists: refused before any slow work
+    ("exists", "version 1 exists already"),
+])
+def test_export_binary_bad_input_exits_2(exported, tmp_path, case, message):
+  path, _, contract = exported
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  base = tmp_path / "base"
+  if case != "empty":
+    (model_dir / "contract.json").write_text(json.dumps(contract))
+  if case == "exists":
+    base = path.parent
+  proc = _run_export(f"--model_dir={model_dir}", f"--export_base={base}", "--which=final",
+                     "--version=1" if case == "exists" else "--version=5")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last
