@@ -37,6 +37,8 @@ setup(
         # data_prep: the Beam pipeline and the ICBM152 template nilearn ships in its wheel.
         "apache-beam>=2.77,<3",
         "crcmod>=1.7",
+        # Beam picks it up for TFRecord CRCs: 20x faster than crcmod (BUILD.md, data_prep).
+        "google-crc32c>=1.5",
         "nilearn>=0.10",
         "tqdm>=4.66",
         "matplotlib>=3.8",

@@ -282,11 +282,27 @@ def dipole_kernel(shape: Sequence[int], voxel_size_mm: Sequence[float] = (1.0, 1
   b = unit_vector(b0_dir)
   # Float32 arithmetic on broadcast axes: ~20x faster than float64 on a padded 1 mm head grid,
   # and the kernel itself is O(1), so the rounding (~1e-7) is far below any field noise.
-  ki, kj, kk = (k.astype(np.float32) for k in kspace_grid(shape, voxel_size_mm, rfft=rfft))
+  ks = [k.astype(np.float32) for k in kspace_grid(shape, voxel_size_mm, rfft=rfft)]
+  # On an even axis the Nyquist sample stands for both +k/2 and -k/2. With an oblique B0 the
+  # two give different (k.b)^2, so D is averaged over both signs there: the operator stays
+  # real-symmetric (D(k) = D(-k) on the grid), the rfft and full-FFT grids agree and axis swaps
+  # are exact. Averaging over the sign s of a Nyquist component c: E[(a + s c)^2] = a^2 + c^2.
+  kb = np.float32(0.0)
+  nyquist_sq = np.float32(0.0)
+  for axis, (k, n, bi) in enumerate(zip(ks, shape, b)):
+    term = k * np.float32(bi)
+    if int(n) % 2 == 0:
+      nyq = np.zeros(k.shape, dtype=bool)
+      index = [0, 0, 0]
+      index[axis] = int(n) // 2 if not (rfft and axis == 2) else k.size - 1
+      nyq[tuple(index)] = True
+      nyquist_sq = nyquist_sq + np.where(nyq, term * term, np.float32(0.0))
+      term = np.where(nyq, np.float32(0.0), term)
+    kb = kb + term
+  ki, kj, kk = ks
   k2 = ki * ki + kj * kj + kk * kk
-  kb = ki * np.float32(b[0]) + kj * np.float32(b[1]) + kk * np.float32(b[2])
   k2[0, 0, 0] = 1.0  # D(0) is set below; avoid 0/0.
-  d = np.float32(1.0 / 3.0) - kb * kb / k2
+  d = np.float32(1.0 / 3.0) - (kb * kb + nyquist_sq) / k2
   d[0, 0, 0] = 0.0
   return d.astype(dtype, copy=False)
 

@@ -1,0 +1,442 @@
+"""The Apache Beam pipeline that turns subjects into sharded TFRecord patch pairs.
+
+  Create(subject specs) -> Map(simulate or load) -> FlatMap(patch pairs) -> Map(encode)
+    -> Partition(split) -> WriteToTFRecord(<split>-%05d-of-%05d.tfrecord) -> Map(scan shard)
+
+Simulation runs inside the pipeline, so the runner spreads subjects over its workers. Every
+subject spec carries its own seed derived from the dataset seed and the subject's name, so a
+subject's pairs do not depend on how many subjects there are or in which order they run; the
+train/validation split is drawn per subject (stratified by kind), never per patch. Beam's
+TFRecord sink writes temporary files and renames them; the scans of the finished shards feed the
+manifest (`data_prep.manifest`), and the whole dataset is published by one rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from data_prep import manifest as manifest_lib
+from data_prep import patches as patches_lib
+from qsmgan_tf import physics
+from qsmgan_tf import records
+from qsmgan_tf.nifti_io import InputError
+
+SPLITS = ("train", "val")
+SYNTHETIC_KINDS = ("brain", "shapes")
+_SIDE_DIR = "_build"
+_BUNDLE_DIR = "_bundles"
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectSpec:
+  """What a worker needs to make one subject (picklable, small).
+
+  Attributes:
+    subject_id: unique name, e.g. 'brain-00003' or a real subject's folder name.
+    split: 'train' or 'val'.
+    kind: 'brain', 'shapes' (simulated) or 'real'.
+    seed: the subject's own seed (phantom, noise, patch choice, augmentation).
+    snr: simulated SNR (None: noise-free).
+    voxel_size_mm: simulated voxel size, mm.
+    b0_dir: simulated B0 direction (voxel frame).
+    lesions: simulate microbleeds/calcification.
+    shape: simulation grid; None = the phantom's natural grid.
+    target: 'chi' or 'cosmos'.
+    background_order: residual background polynomial degree (0 = none).
+    path: a real subject's folder.
+  """
+  subject_id: str
+  split: str
+  kind: str
+  seed: int
+  snr: float | None = 100.0
+  voxel_size_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  b0_dir: tuple[float, float, float] = (0.0, 0.0, 1.0)
+  lesions: bool = False
+  shape: tuple[int, int, int] | None = None
+  target: str = "chi"
+  background_order: int = 0
+  path: str | None = None
+
+
+def derive_seed(seed: int, *names: Any) -> int:
+  """A 63-bit seed from the dataset seed and names (stable across runs and platforms)."""
+  text = json.dumps([int(seed), *[str(n) for n in names]])
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def assign_splits(subject_ids: Sequence[str], seed: int, val_fraction: float,
+                  stratum: str = "") -> dict[str, str]:
+  """Draws the validation subjects: ``round(n * val_fraction)`` of them, at least 1 (when
+  ``val_fraction > 0`` and n >= 2) and at most n - 1; deterministic in the seed and the ids.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise InputError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+  ids = sorted(subject_ids)
+  n = len(ids)
+  n_val = int(round(n * val_fraction))
+  if val_fraction > 0 and n >= 2:
+    n_val = min(max(n_val, 1), n - 1)
+  elif n < 2:
+    n_val = 0
+  order = np.random.default_rng(derive_seed(seed, "split", stratum)).permutation(n)
+  val = {ids[i] for i in order[:n_val]}
+  return {sid: ("val" if sid in val else "train") for sid in ids}
+
+
+def tilted_b0(tilt_deg: float, rng: np.random.Generator) -> tuple[float, float, float]:
+  """B0 tilted from z by ``tilt_deg`` towards a random azimuth (voxel frame)."""
+  t = math.radians(float(tilt_deg))
+  phi = float(rng.uniform(0.0, 2.0 * math.pi))
+  return (math.sin(t) * math.cos(phi), math.sin(t) * math.sin(phi), math.cos(t))
+
+
+def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: float = 0.1,
+                    lesion_fraction: float = 0.5, snrs: Sequence[float | None] = (100.0,),
+                    voxel_sizes: Sequence[Sequence[float]] = ((1.0, 1.0, 1.0),),
+                    b0_tilts_deg: Sequence[float] = (0.0,),
+                    shape: Sequence[int] | None = None, target: str = "chi",
+                    background_order: int = 0) -> list[SubjectSpec]:
+  """Specs of the simulated subjects: per subject, SNR, voxel size and B0 tilt are drawn from
+  the given lists and lesions with probability ``lesion_fraction`` (brains only), all from the
+  subject's own seed.
+  """
+  if n_brains < 0 or n_shapes < 0:
+    raise InputError("numbers of synthetic subjects must be >= 0")
+  if not 0.0 <= lesion_fraction <= 1.0:
+    raise InputError(f"--lesion_fraction must be in [0, 1], got {lesion_fraction}")
+  if not snrs or not voxel_sizes or not b0_tilts_deg:
+    raise InputError("--snr, --voxel_sizes and --b0_tilt_deg need at least one value")
+  specs = []
+  for kind, count in zip(SYNTHETIC_KINDS, (n_brains, n_shapes)):
+    ids = [f"{kind}-{i:05d}" for i in range(count)]
+    splits = assign_splits(ids, seed, val_fraction, stratum=kind)
+    for sid in ids:
+      subject_seed = derive_seed(seed, sid)
+      rng = np.random.default_rng(derive_seed(subject_seed, "geometry"))
+      snr = snrs[int(rng.integers(len(snrs)))]
+      voxel = tuple(float(v) for v in voxel_sizes[int(rng.integers(len(voxel_sizes)))])
+      b0 = tilted_b0(b0_tilts_deg[int(rng.integers(len(b0_tilts_deg)))], rng)
+      lesions = kind == "brain" and bool(rng.random() < lesion_fraction)
+      specs.append(SubjectSpec(
+          subject_id=sid, split=splits[sid], kind=kind, seed=subject_seed, snr=snr,
+          voxel_size_mm=voxel, b0_dir=b0, lesions=lesions,
+          shape=tuple(int(n) for n in shape) if shape else None, target=target,
+          background_order=int(background_order)))
+  return specs
+
+
+def real_specs(subjects_dir, seed: int, val_fraction: float, target: str) -> list[SubjectSpec]:
+  """Specs of real subjects found under ``subjects_dir`` (see `data_prep.subjects`)."""
+  from data_prep import subjects as subjects_lib  # pylint: disable=import-outside-toplevel
+
+  paths = [str(p) for p in subjects_lib.list_subjects(subjects_dir)]
+  if not paths:
+    raise InputError(f"no subjects found under {subjects_dir}")
+  ids = {os.path.basename(os.path.normpath(p)): p for p in paths}
+  if len(ids) != len(paths):
+    raise InputError(f"subject folder names under {subjects_dir} are not unique")
+  splits = assign_splits(list(ids), seed, val_fraction, stratum="real")
+  return [SubjectSpec(subject_id=sid, split=splits[sid], kind="real",
+                      seed=derive_seed(seed, "real", sid), snr=None, target=target,
+                      path=path) for sid, path in sorted(ids.items())]
+
+
+# --------------------------------------------------------------------------------------
+# Pipeline stages (module-level functions: Beam pickles them by reference)
+# --------------------------------------------------------------------------------------
+def make_subject(spec: SubjectSpec):
+  """Simulates (or loads) the subject of a spec: ``(spec, Subject)``."""
+  if spec.kind == "real":
+    from data_prep import subjects as subjects_lib  # pylint: disable=import-outside-toplevel
+    subject = subjects_lib.load_subject(spec.path, target=spec.target)
+  else:
+    from data_prep import simulate  # pylint: disable=import-outside-toplevel
+    subject = simulate.simulate_subject(
+        spec.kind, spec.seed, shape=spec.shape, voxel_size_mm=spec.voxel_size_mm,
+        b0_dir=spec.b0_dir, snr=spec.snr, lesions=spec.lesions,
+        background_order=spec.background_order, target=spec.target,
+        subject_id=spec.subject_id)
+  if str(subject.subject_id) != spec.subject_id:
+    subject = dataclasses.replace(subject, subject_id=spec.subject_id)
+  return spec, subject
+
+
+def subject_summary(spec_subject) -> dict:
+  """What the manifest records about a subject (its split, geometry and seed)."""
+  spec, subject = spec_subject
+  return {
+      "split": spec.split,
+      "subject_id": spec.subject_id,
+      "kind": spec.kind,
+      "seed": spec.seed,
+      "shape": [int(n) for n in np.shape(subject.mask)],
+      "voxel_size_mm": [float(v) for v in subject.voxel_size_mm],
+      "b0_dir": [round(float(v), 6) for v in physics.unit_vector(subject.b0_dir)],
+      "snr": None if subject.snr is None else float(subject.snr),
+      "lesions": spec.lesions,
+      "target": spec.target,
+      "mask_voxels": int(np.count_nonzero(subject.mask)),
+  }
+
+
+def subject_pairs(spec_subject, config: patches_lib.PatchConfig) -> Iterator[tuple[str, tuple]]:
+  """``(split, (arrays, meta))`` for every patch pair of a subject."""
+  spec, subject = spec_subject
+  kind = spec.kind
+  for pair in patches_lib.patch_pairs(subject, config, spec.seed, kind=kind):
+    yield spec.split, pair
+
+
+_COUNTER_NAMESPACE = "qsmgan_tf.data_prep"
+
+
+def encode_pair(split_pair, dtypes: dict) -> tuple[str, bytes]:
+  """``(split, serialized tf.train.Example)``; counts the pairs per split (a Beam metric)."""
+  from apache_beam.metrics import Metrics  # pylint: disable=import-outside-toplevel
+  split, (arrays, meta) = split_pair
+  Metrics.counter(_COUNTER_NAMESPACE, f"pairs_{split}").inc()
+  return split, records.encode(arrays, meta, dtypes)
+
+
+def _split_index(element, num_partitions) -> int:  # pylint: disable=unused-argument
+  return SPLITS.index(element[0])
+
+
+def _write_json(items, path) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(list(items), f)
+  os.replace(tmp, path)
+
+
+def beam_args(runner: str = "DirectRunner", num_workers: int = 1,
+              running_mode: str = "in_memory", extra: Sequence[str] = ()) -> list[str]:
+  """Beam pipeline options for a runner.
+
+  'DirectRunner' means its local engine, FnApiRunner, used directly: Beam 2.77's DirectRunner
+  first tries to download the Prism runner binary, which must not happen here (no network).
+  """
+  if runner.lower() in ("directrunner", "direct", "fnapirunner"):
+    # Worker processes log every bundle at INFO; later options (extra) override this.
+    return ["--runner=FnApiRunner", f"--direct_num_workers={int(num_workers)}",
+            f"--direct_running_mode={running_mode}", "--default_sdk_harness_log_level=WARNING",
+            *extra]
+  return [f"--runner={runner}", *extra]
+
+
+def _index_bundle(path) -> list[tuple[str, str, int, int]]:
+  """``(sha256, path, offset, framed length)`` of every record of one bundle file."""
+  out = []
+  for offset, length, data in records.iter_spans(path):
+    out.append((hashlib.sha256(data).hexdigest(), str(path), offset, length))
+  return out
+
+
+def _plan_shards(index, prefix: str, num_shards: int, seed: int):
+  """Deals the records into ``num_shards`` shards: a seeded permutation of the records sorted
+  by SHA-256, so the plan depends on the example set only, not on Beam's bundle order.
+
+  Yields:
+    ``(shard path, [(path, offset, length), ...])`` per shard.
+  """
+  ordered = sorted(index)
+  order = np.random.default_rng(seed).permutation(len(ordered))
+  for i in range(num_shards):
+    name = f"{prefix}-{i:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}"
+    yield name, [ordered[j] for j in order[i::num_shards]]
+
+
+def _write_shard(plan) -> dict:
+  """Copies framed records into one shard (temp file, then rename); returns its manifest scan."""
+  path, spans = plan
+  tmp = f"{path}.tmp"
+  file_hash = hashlib.sha256()
+  per_subject: dict[str, list[int]] = {}
+  sources = {}
+  try:
+    with open(tmp, "wb") as out:
+      for _, source, offset, length in spans:
+        if source not in sources:
+          sources[source] = open(source, "rb")  # pylint: disable=consider-using-with
+        f = sources[source]
+        f.seek(offset)
+        framed = f.read(length)
+        out.write(framed)
+        file_hash.update(framed)
+        features = records.parse_features(framed[12:-4])
+        sid = features["meta/subject_id"][1][0].decode()
+        per_subject.setdefault(sid, [0, 0])[int(features["meta/background"][1][0])] += 1
+  finally:
+    for f in sources.values():
+      f.close()
+  os.replace(tmp, path)
+  return {
+      "name": os.path.basename(path),
+      "num_records": len(spans),
+      "size_bytes": os.path.getsize(path),
+      "sha256": file_hash.hexdigest(),
+      "fingerprint": records.fingerprint(path),
+      "record_sha256": [digest for digest, _, _, _ in spans],
+      "per_subject": per_subject,
+  }
+
+
+SHARDING_MODES = ("reshard", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOptions:
+  """Output layout: shards per split, Beam runner options and how examples reach shards.
+
+  ``sharding='beam'``: ``WriteToTFRecord(num_shards=N)``; Beam groups every example by shard
+  key (a GroupByKey), which the DirectRunner does in memory, moving each ~0.86 MB example
+  through its data plane twice. ``'reshard'`` (default): Beam's sink writes one file per bundle
+  as the workers produce examples (``num_shards=0``, no GroupByKey), then a second stage copies
+  the framed records, unchanged, into exactly N shards in a seeded order over the examples'
+  SHA-256: faster, far less memory, and shards that are byte-identical from run to run.
+  """
+  train_shards: int = 16
+  val_shards: int = 2
+  beam_args: tuple[str, ...] = ("--runner=FnApiRunner",)
+  sharding: str = "reshard"
+  seed: int = 0
+
+
+def run_pipeline(specs: Sequence[SubjectSpec], config: patches_lib.PatchConfig, out_dir,
+                 write: WriteOptions) -> dict[str, Any]:
+  """Runs the Beam pipeline into ``out_dir`` (an empty staging folder).
+
+  Returns:
+    ``{'shard_scans': {split: [...]}, 'subjects': {split: [...]}}`` for `manifest.build_manifest`.
+  """
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=import-outside-toplevel
+
+  out_dir = pathlib.Path(out_dir)
+  side = out_dir / _SIDE_DIR
+  side.mkdir(exist_ok=True)
+  present = [s for s in SPLITS if any(spec.split == s for spec in specs)]
+  shards = {"train": write.train_shards, "val": write.val_shards}
+  dtypes = config.storage_dtypes()
+  options = PipelineOptions(list(write.beam_args))
+  p = beam.Pipeline(options=options)
+  subjects = (p
+              | "Specs" >> beam.Create(list(specs))
+              | "Simulate" >> beam.Map(make_subject))
+  _ = (subjects
+       | "Summarise" >> beam.Map(subject_summary)
+       | "SubjectList" >> beam.combiners.ToList()
+       | "WriteSubjects" >> beam.Map(_write_json, str(side / "subjects.json")))
+  examples = (subjects
+              | "Patches" >> beam.FlatMap(subject_pairs, config)
+              | "Encode" >> beam.Map(encode_pair, dtypes)
+              | "BySplit" >> beam.Partition(_split_index, len(SPLITS)))
+  for index, split in enumerate(SPLITS):
+    if split not in present:
+      continue
+    values = examples[index] | f"Drop{split}" >> beam.Values()
+    if write.sharding == "beam":
+      scans = (values
+               | f"Write{split}" >> beam.io.WriteToTFRecord(
+                   str(out_dir / split), file_name_suffix=records.SHARD_SUFFIX,
+                   num_shards=shards[split], shard_name_template=records.BEAM_SHARD_TEMPLATE)
+               | f"Scan{split}" >> beam.Map(manifest_lib.scan_for_manifest))
+    else:
+      bundles = out_dir / _BUNDLE_DIR
+      scans = (values
+               | f"Write{split}" >> beam.io.WriteToTFRecord(
+                   str(bundles / split), file_name_suffix=records.SHARD_SUFFIX,
+                   num_shards=0, shard_name_template=records.BEAM_SHARD_TEMPLATE)
+               | f"Index{split}" >> beam.FlatMap(_index_bundle)
+               | f"IndexList{split}" >> beam.combiners.ToList()
+               | f"Plan{split}" >> beam.FlatMap(_plan_shards, str(out_dir / split),
+                                                shards[split], derive_seed(write.seed, split))
+               | f"Spread{split}" >> beam.Reshuffle()
+               | f"Shard{split}" >> beam.Map(_write_shard))
+    _ = (scans
+         | f"ScanList{split}" >> beam.combiners.ToList()
+         | f"WriteScans{split}" >> beam.Map(_write_json, str(side / f"shards_{split}.json")))
+  result = p.run()
+  result.wait_until_finish()
+  produced = _counters(result)
+  with open(side / "subjects.json", encoding="utf-8") as f:
+    subjects_out = manifest_lib.summarise_subjects(json.load(f))
+  scans = {}
+  for split in present:
+    with open(side / f"shards_{split}.json", encoding="utf-8") as f:
+      scans[split] = json.load(f)
+  for path in side.iterdir():
+    path.unlink()
+  side.rmdir()
+  shutil.rmtree(out_dir / _BUNDLE_DIR, ignore_errors=True)
+  stray = [n for n in os.listdir(out_dir) if n.startswith("beam-temp")]
+  if stray:
+    raise RuntimeError(f"Beam left temporary files in {out_dir}: {stray}")
+  written = {s: sum(x["num_records"] for x in v) for s, v in scans.items()}
+  for split in present:
+    # Measured: DirectRunner multi_threading with a GroupByKey of large elements (sharding
+    # 'beam') lost records. Never publish a dataset that is not what the workers produced.
+    if produced.get(split) is not None and produced[split] != written[split]:
+      raise RuntimeError(f"Beam produced {produced[split]} {split} pairs but the shards hold "
+                         f"{written[split]}: records were lost; not publishing")
+  logging.info("wrote %s", written)
+  return {"shard_scans": scans, "subjects": subjects_out}
+
+
+def _counters(result) -> dict[str, int]:
+  """Committed per-split pair counters of a finished pipeline (empty if the runner has none)."""
+  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=import-outside-toplevel
+  out = {}
+  try:
+    query = result.metrics().query(MetricsFilter().with_namespace(_COUNTER_NAMESPACE))
+  except (NotImplementedError, AttributeError):
+    return out
+  for counter in query["counters"]:
+    split = counter.key.metric.name[len("pairs_"):]
+    out[split] = out.get(split, 0) + int(counter.committed or 0)
+  return out
+
+
+def make_dataset(specs: Sequence[SubjectSpec], config: patches_lib.PatchConfig, out_dir,
+                 write: WriteOptions, *, target: str = "chi", flags: dict | None = None,
+                 overwrite: bool = False) -> dict:
+  """Builds a whole dataset folder: pipeline, manifest, then one rename into ``out_dir``.
+
+  Returns:
+    The manifest.
+
+  Raises:
+    InputError: ``out_dir`` exists (without ``overwrite``), no subjects, or bad shard counts.
+  """
+  if not specs:
+    raise InputError("no subjects: pass --synthetic_brains/--synthetic_shapes or --subjects_dir")
+  if write.train_shards < 1 or write.val_shards < 1:
+    raise InputError("--shards and --val_shards must be >= 1")
+  if write.sharding not in SHARDING_MODES:
+    raise InputError(f"--sharding must be one of {SHARDING_MODES}, got {write.sharding!r}")
+  ids = [s.subject_id for s in specs]
+  if len(set(ids)) != len(ids):
+    raise InputError("subject ids are not unique")
+  tmp = manifest_lib.staging_dir(out_dir, overwrite=overwrite)
+  try:
+    result = run_pipeline(specs, config, tmp, write)
+    manifest = manifest_lib.build_manifest(
+        shard_scans=result["shard_scans"], subjects=result["subjects"], patch_config=config,
+        target=target, flags=flags)
+    manifest_lib.write_manifest(tmp, manifest)
+    manifest_lib.publish(tmp, out_dir)
+  except BaseException:
+    manifest_lib.discard(tmp)
+    raise
+  return manifest
