@@ -1,0 +1,134 @@
+"""Tests for qsmgan_tf.refine: data-consistency refinement (NumPy reference and TF graph)."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import tensorflow as tf
+
+from qsmgan_tf import physics
+from qsmgan_tf import refine
+
+_OBLIQUE = (0.25, -0.15, 0.95)
+_VOXEL = (1.0, 1.1, 1.6)
+
+
+def _phantom(shape=(36, 40, 30), seed=0, voxel=(1, 1, 1), b0=(0, 0, 1), noise=0.0):
+  """Ellipsoidal 'brain' with smooth texture and a few blobs; field by the 2x forward model."""
+  rng = np.random.default_rng(seed)
+  g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+  mask = (g[0] ** 2 / 0.8 + g[1] ** 2 / 0.75 + g[2] ** 2 / 0.7) < 1
+  chi = scipy.ndimage.gaussian_filter(rng.standard_normal(shape), 2) * 0.3
+  for _ in range(5):
+    c = rng.uniform(-0.5, 0.5, 3)
+    chi += rng.uniform(-0.2, 0.3) * (((g - c[:, None, None, None]) ** 2).sum(0) < 0.15 ** 2)
+  chi = (chi * mask).astype(np.float32)
+  field = physics.forward_field(chi, voxel, b0) * mask
+  field = field + noise * np.std(field[mask]) * rng.standard_normal(shape) * mask
+  return chi, field.astype(np.float32), mask
+
+
+def _rel(a, b, mask):
+  return float(np.linalg.norm((a - b)[mask]) / np.linalg.norm(b[mask]))
+
+
+@pytest.fixture(scope="module")
+def oblique():
+  return _phantom(voxel=_VOXEL, b0=_OBLIQUE, noise=0.02)
+
+
+def _blurred(chi, mask):
+  return (scipy.ndimage.gaussian_filter(chi, 1.5) * mask).astype(np.float32)
+
+
+@pytest.mark.parametrize("prior", ["zero", "blurred"])
+def test_cg_lowers_the_field_residual(oblique, prior):
+  chi, field, mask = oblique
+  chi_net = np.zeros_like(chi) if prior == "zero" else _blurred(chi, mask)
+  out, info = refine.refine(chi_net, field, mask, _VOXEL, _OBLIQUE)
+  assert info["residual_after"] < 0.25 * info["residual_before"]
+  assert _rel(out, chi, mask) < _rel(chi_net, chi, mask)  # closer to the truth too
+  assert not out[~mask].any()
+
+
+def test_closed_form_lowers_the_residual(oblique):
+  chi, field, mask = oblique
+  out, info = refine.refine(_blurred(chi, mask), field, mask, _VOXEL, _OBLIQUE, method="closed")
+  assert info["method"] == "closed"
+  assert info["residual_after"] < 0.5 * info["residual_before"]
+  assert not out[~mask].any()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("cg", {"mu": 1e9}),                      # an infinite prior weight
+    ("cg", {"iterations": 0}),                # no iteration
+    ("closed", {"lam": 1e9}),
+])
+def test_dominant_prior_returns_chi_net(oblique, method, params):
+  chi, field, mask = oblique
+  chi_net = _blurred(chi, mask)
+  out, _ = refine.refine(chi_net, field, mask, _VOXEL, _OBLIQUE, method=method, **params)
+  np.testing.assert_allclose(out, chi_net, atol=1e-6 * np.abs(chi_net).max())
+
+
+def test_perfect_prior_stays_put():
+  """The truth on a noise-free field is (almost) a fixed point: only the margin's wrap-around
+  differs from the 2x-padded simulation."""
+  chi, field, mask = _phantom(voxel=_VOXEL, b0=_OBLIQUE)
+  out = refine.refine_cg(chi, field, mask, _VOXEL, _OBLIQUE)
+  assert _rel(out, chi, mask) < 0.02
+  blurred = _blurred(chi, mask)
+  # ... while a wrong prior moves by much more (the test can tell the two apart).
+  assert _rel(refine.refine_cg(blurred, field, mask, _VOXEL, _OBLIQUE), blurred, mask) > 0.1
+
+
+def test_units_do_not_change_mu(oblique):
+  """Both terms are quadratic: x10 on field and prior gives x10 on the result (ppm vs x10)."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  a = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE)
+  b = refine.refine_cg(10 * prior, 10 * field, mask, _VOXEL, _OBLIQUE)
+  np.testing.assert_allclose(b, 10 * a, atol=1e-4 * np.abs(b).max())
+
+
+def test_numpy_and_tf_agree_with_dynamic_shapes(oblique):
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  specs = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [tf.TensorSpec([3], tf.float32)] * 2
+  fn = tf.function(lambda c, f, m, b, v: refine.refine_tf(c, f, m, b, v), input_signature=specs)
+  for crop in [(slice(None),) * 3, (slice(2, -2), slice(1, None), slice(None, -3))]:
+    want = refine.refine_cg(prior[crop], field[crop], mask[crop], _VOXEL, _OBLIQUE)
+    got = fn(prior[crop], field[crop], mask[crop].astype(np.float32), np.float32(_OBLIQUE),
+             np.float32(_VOXEL)).numpy()
+    assert _rel(got, want, mask[crop]) < 1e-4
+  assert len(fn._list_all_concrete_functions()) == 1  # pylint: disable=protected-access
+
+
+def test_tf_residual_matches_numpy(oblique):
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  want = refine.field_residual(prior, field, mask, _VOXEL, _OBLIQUE)
+  got = float(refine.field_residual_tf(prior, field, mask.astype(np.float32), _OBLIQUE, _VOXEL))
+  assert got == pytest.approx(want, rel=1e-4)
+  # Semantics of physics.field_residual: the truth explains the field up to the noise, and
+  # a constant offset of the field is ignored (de-meaned over the mask).
+  assert refine.field_residual(chi, field + 0.5 * mask, mask, _VOXEL, _OBLIQUE) < 0.05
+
+
+def test_params_resolution_order():
+  contract = {"refine": {"mu": 0.01, "iterations": 7}}
+  assert refine.resolve_params(None) == refine.DEFAULTS
+  assert refine.resolve_params(contract) == {**refine.DEFAULTS, "mu": 0.01, "iterations": 7}
+  assert refine.resolve_params(contract, mu=0.5, iterations=None)["mu"] == 0.5
+  assert refine.resolve_params(contract, mu=0.5)["iterations"] == 7
+
+
+@pytest.mark.parametrize("bad", ["lsqr", "CG2"])
+def test_unknown_method_is_rejected(bad):
+  with pytest.raises(ValueError, match="unknown refinement"):
+    refine.resolve_method(bad)
+
+
+def test_empty_mask_is_rejected():
+  z = np.zeros((8, 8, 8), np.float32)
+  with pytest.raises(ValueError, match="mask is empty"):
+    refine.refine(z, z, z > 0)
