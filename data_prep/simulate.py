@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import pathlib
@@ -43,6 +44,8 @@ from data_prep import phantoms as phantoms_lib
 from data_prep import shapes as shapes_lib
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
+
+_log = logging.getLogger(__name__)
 
 KINDS = ("brain", "shapes")
 TARGETS = ("chi", "cosmos")
@@ -377,4 +380,36 @@ def write_subject(subject: Subject, folder, overwrite: bool = False) -> pathlib.
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  return folder
+
+
+def parse_numbers(text: str, flag: str, cast=float, positive: bool = True) -> tuple:
+  """Parses ``a,b,c`` into three numbers; InputError on bad syntax or non-positive values."""
+  try:
+    values = tuple(cast(v) for v in str(text).replace(" ", "").split(","))
+  except ValueError:
+    raise nifti_io.InputError(f"--{flag} must be three numbers a,b,c, got {text!r}") from None
+  if len(values) != 3 or (positive and not all(v > 0 for v in values)):
+    raise nifti_io.InputError(f"--{flag} must be three positive numbers a,b,c, got {text!r}")
+  return values
+
+
+def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None = None,
+                 lesions: bool = False, b0_dir: str = "0,0,1", voxel_size_mm: str = "1,1,1",
+                 shape: str | None = None, snr: float = 100.0, background_order: int = 0,
+                 target: str = "chi", overwrite: bool = False):
+  """Simulates one subject and writes it; returns the folder (`python -m data_prep.make_phantom`)."""
+  b0 = nifti_io.parse_b0_dir(b0_dir)
+  vox = parse_numbers(voxel_size_mm, "voxel_size_mm")
+  grid = parse_numbers(shape, "shape", int) if shape else None
+  if snr < 0:
+    raise nifti_io.InputError(f"--snr must be >= 0 (0 = no noise), got {snr}")
+  if background_order < 0:
+    raise nifti_io.InputError(f"--background_order must be >= 0, got {background_order}")
+  subject = simulate_subject(
+      kind, seed, shape=grid, voxel_size_mm=vox, b0_dir=b0, snr=snr if snr > 0 else None,
+      lesions=lesions, background_order=background_order, target=target, subject_id=subject_id)
+  folder = write_subject(subject, pathlib.Path(out_dir) / subject.subject_id, overwrite)
+  _log.info("wrote %s (%s, shape %s, voxel %s mm, B0 %s)", folder, kind,
+               subject.field_ppm.shape, vox, b0.round(4).tolist())
   return folder

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qsmgan_tf import evaluate
+from qsmgan_tf import evaluation as evaluate  # the library behind the binary
 from qsmgan_tf import metrics
 from qsmgan_tf import physics
 from qsmgan_tf.nifti_io import InputError

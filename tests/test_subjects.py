@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import make_phantom
 from data_prep import simulate
 from data_prep import subjects
 from qsmgan_tf import nifti_io
@@ -162,7 +161,7 @@ def test_list_subjects(tmp_path, subject):
 
 
 def test_make_phantom_function_and_cli(tmp_path):
-  folder = make_phantom.make_phantom("shapes", 2, str(tmp_path), shape="20,20,16",
+  folder = simulate.write_phantom("shapes", 2, str(tmp_path), shape="20,20,16",
                                      voxel_size_mm="1,1,2", b0_dir="0,0.1,1", snr=0.0)
   loaded = subjects.load_subject(folder)
   assert folder.name == "shapes-00002" and loaded.snr is None
