@@ -130,6 +130,7 @@ def run_one(preset, precision, stage, source, data_dir, steps, warmup, batch):
   if stage == "wgan_gp":
     record["n_critic"] = model.n_critic
   _emit(record)
+  return record
 
 
 def read_rate(data_dir, batch, batches):
