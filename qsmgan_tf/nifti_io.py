@@ -152,10 +152,9 @@ def _atomic_target(path) -> tuple[pathlib.Path, str]:
   fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp" + "".join(
       s for s in path.suffixes[-2:] if s in (".nii", ".gz", ".json", ".md", ".png")), dir=folder)
   os.close(fd)
-  # mkstemp creates 0600 files; outputs get the permissions a plain open() would give them.
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)
+  # mkstemp creates 0600 files; outputs are ordinary readable files. (Reading the umask would
+  # mean setting it, which is process-global and races with other threads.)
+  os.chmod(tmp, 0o644)
   return path, tmp
 
 
