@@ -164,7 +164,8 @@ class Canvas:
                np.zeros(grid.shape, np.float32), np.zeros(grid.shape, np.float32))
 
   def paint(self, region, chi, label: int | None, *, pd: float | None = None,
-            r2s: float | None = None, weight: np.ndarray | None = None, additive: bool = False):
+            r2s: float | None = None, weight: np.ndarray | None = None, additive: bool = False,
+            appearance: bool = True):
     """Blends an object into the canvas with its soft occupancy (partial volume).
 
     Args:
@@ -175,6 +176,8 @@ class Canvas:
       r2s: R2*, 1/s (default from `R2STAR_HZ` by label).
       weight: optional full-grid multiplier of the occupancy (e.g. keep out of CSF).
       additive: add ``occupancy * chi`` instead of replacing (overlapping sources).
+      appearance: also blend proton density and R2*; False leaves them to `paint_appearance`
+        (an object whose magnitude boundary differs from its susceptibility boundary).
     """
     if region is None:
       return
@@ -187,13 +190,22 @@ class Canvas:
     else:
       chi_view *= 1.0 - occ
       chi_view += occ * chi
-    pd = PD.get(label, 0.8) if pd is None else pd
-    r2s = R2STAR_HZ.get(label, 20.0) if r2s is None else r2s
+    if appearance:
+      self.paint_appearance((sl, occ), PD.get(label, 0.8) if pd is None else pd,
+                            R2STAR_HZ.get(label, 20.0) if r2s is None else r2s)
+    if label is not None:
+      self.seg[sl][occ >= 0.5] = label
+
+  def paint_appearance(self, region, pd, r2s, weight: np.ndarray | None = None):
+    """Blends proton density (a.u.) and R2* (1/s, scalar or region-shaped) into the canvas only."""
+    if region is None:
+      return
+    sl, occ = region
+    if weight is not None:
+      occ = occ * weight[sl]
     for view, value in ((self.pd[sl], pd), (self.r2s[sl], r2s)):
       view *= 1.0 - occ
       view += occ * value
-    if label is not None:
-      self.seg[sl][occ >= 0.5] = label
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,6 +447,8 @@ class _Template:
   centre_mm: np.ndarray
   extent_mm: np.ndarray
   midline_sinus: np.ndarray  # dense (n, 3) samples, MNI mm
+  t1: np.ndarray      # T1 template intensity, white matter = 1, 0 outside the mask
+  soft: np.ndarray    # (3, ...) WM/GM/CSF fractions sharpened less (p^2): magnitude borders
 
 
 @functools.lru_cache(maxsize=1)
@@ -459,7 +473,7 @@ def load_template() -> _Template:
   mask = scipy.ndimage.binary_fill_holes(mask)
   crop = tuple(slice(max(s.start - 4, 0), min(s.stop + 4, n))
                for s, n in zip(scipy.ndimage.find_objects(mask.astype(np.int8))[0], mask.shape))
-  gm, wm, mask = gm[crop], wm[crop], mask[crop]
+  gm, wm, mask, t1 = gm[crop], wm[crop], mask[crop], t1[crop]
   origin = tuple(float(affine[i, 3] + crop[i].start) for i in range(3))
   grid = Grid(mask.shape, (1.0, 1.0, 1.0), origin)
   gm = np.clip(gm, 0, 1) * mask
@@ -469,9 +483,16 @@ def load_template() -> _Template:
   csf = np.clip(1.0 - gm - wm, 0, 1) * mask
   # The template averages 152 brains, so its tissue borders are several mm wide; one brain's are
   # about a voxel. Sharpening the fractions (p^4, renormalised) restores that.
-  sharp = np.stack([wm, gm, csf]) ** 4
+  # The magnitude maps use a milder sharpening (p^2), so magnitude and chi borders differ by a
+  # fraction of a voxel to a voxel, as a real magnitude's partial volume does.
+  stack = np.stack([wm, gm, csf])
+  soft = stack ** 2
+  soft /= np.maximum(soft.sum(axis=0), 1e-12)
+  soft = (soft * mask).astype(np.float32)
+  sharp = stack ** 4
   sharp /= np.maximum(sharp.sum(axis=0), 1e-12)
   wm, gm, csf = sharp * mask
+  t1 = np.clip(t1 / max(float(np.median(t1[wm > 0.9])), 1e-6), 0.0, 1.5) * mask
   seg = np.zeros(mask.shape, np.int16)
   stack = np.stack([wm, gm, csf])
   seg[mask] = np.asarray([8, 9, 10], np.int16)[np.argmax(stack[:, mask], axis=0)]
@@ -480,8 +501,9 @@ def load_template() -> _Template:
   hi = np.array([i.max() for i in idx], np.float64) + origin
   template = _Template(grid, gm.astype(np.float32), wm.astype(np.float32),
                        csf.astype(np.float32), mask, seg, (lo + hi) / 2.0, hi - lo + 1.0,
-                       _trace_midline_sinus(mask, grid))
-  for arr in (template.p_gm, template.p_wm, template.p_csf, template.mask, template.seg):
+                       _trace_midline_sinus(mask, grid), t1.astype(np.float32), soft)
+  for arr in (template.p_gm, template.p_wm, template.p_csf, template.mask, template.seg,
+              template.t1, template.soft):
     arr.setflags(write=False)
   return template
 
@@ -535,30 +557,70 @@ def _random_vessels(rng: np.random.Generator, template: _Template, count: int) -
 # Brain phantom
 # --------------------------------------------------------------------------------------------------
 def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Canvas, dict]:
-  """One random brain in template space: tissue values, textures, nuclei and veins."""
+  """One random brain in template space: tissue values, textures, nuclei and veins.
+
+  Susceptibility and magnitude are built from related but different models, as in vivo, so a
+  magnitude edge does not mark every susceptibility edge (which would flatter magnitude-guided
+  methods such as MEDI):
+
+  * chi: sharp (p^4) tissue fractions times tissue values, each tissue with its own smooth
+    (about 10 mm) and fine (about 2.5 mm) random texture, plus the nuclei's iron texture;
+  * proton density: milder (p^2) fractions times tissue PD, weighted by the T1 template's
+    intensity (a GRE's T1 weighting, and borders of a population average);
+  * R2*: tissue R2* from the same p^2 fractions, plus an iron term ``k chi_nucleus f`` per
+    nucleus with ``f ~ U(0.3, 1)`` (so some nuclei are dark, some faint), drawn on an ellipsoid
+    displaced from the chi one, plus an independent smooth field;
+  * both maps blurred by a Gaussian of sigma 0.7-1.2 mm.
+  """
   grid = template.grid
   values = {label: draw_value(rng, label) for label in CHI_RANGES_PPM if label not in (16, 17)}
-  # Smooth textures: iron distribution within nuclei, slow GM/WM variations.
+  # Smooth textures: iron distribution within nuclei; per-tissue slow and fine variations
+  # (in-vivo WM/GM chi varies by about +-0.01 ppm with fibre orientation, myelin and iron).
   iron = np.clip(smooth_field(grid.shape, rng, 6.0), -2.5, 2.5)
-  slow = smooth_field(grid.shape, rng, 12.0)
+  texture_ppm = {8: rng.uniform(0.008, 0.015), 9: rng.uniform(0.008, 0.015)}
+  fine_ppm = float(rng.uniform(0.003, 0.006))
+  fine = smooth_field(grid.shape, rng, 2.5)
   p_gm, p_wm, p_csf = template.p_gm, template.p_wm, template.p_csf
-  chi = (p_gm * (values[9] + 0.004 * slow) + p_wm * (values[8] + 0.004 * slow)
-         + p_csf * values[10]).astype(np.float32)
-  pd = (p_gm * PD[9] + p_wm * PD[8] + p_csf * PD[10]).astype(np.float32)
-  r2s = (p_gm * R2STAR_HZ[9] + p_wm * R2STAR_HZ[8] + p_csf * R2STAR_HZ[10]).astype(np.float32)
+  chi = p_csf * np.float32(values[10])
+  for label, frac in ((9, p_gm), (8, p_wm)):
+    tissue = smooth_field(grid.shape, rng, float(rng.uniform(5.0, 15.0)))
+    tissue *= np.float32(texture_ppm[label])
+    tissue += np.float32(values[label])
+    chi += frac * tissue
+    del tissue
+  chi += (1.0 - p_csf) * fine * np.float32(fine_ppm)
+  chi = chi.astype(np.float32)
+  del fine
+  s_wm, s_gm, s_csf = template.soft
+  t1_weight = float(rng.uniform(0.15, 0.35))
+  pd = ((s_gm * PD[9] + s_wm * PD[8] + s_csf * PD[10])
+        * np.maximum(template.t1, 0.05) ** np.float32(t1_weight)).astype(np.float32)
+  r2s = (s_gm * R2STAR_HZ[9] + s_wm * R2STAR_HZ[8] + s_csf * R2STAR_HZ[10]).astype(np.float32)
   canvas = Canvas(grid, chi, template.seg.copy(), pd, r2s)
   not_csf = (1.0 - p_csf).astype(np.float32)
+  # R2* per ppm of iron-related susceptibility (deep grey matter at 3T: about 100-200 1/s/ppm).
+  r2s_per_ppm = float(rng.uniform(120.0, 180.0))
+  visibility = {}
   for label, centre, axes, angles in _NUCLEI:
     for side in (1.0, -1.0):
       c = np.array(centre) * np.array([side, 1.0, 1.0]) + rng.normal(0.0, 1.0, size=3)
       a = np.array(axes) * rng.uniform(0.88, 1.12, size=3)
       ang = np.array(angles) * np.array([1.0, side, side]) + rng.uniform(-6.0, 6.0, size=3)
+      # The magnitude sees a slightly displaced, resized copy of the nucleus.
+      c_mag = c + rng.normal(0.0, 0.7, size=3)
+      a_mag = a * rng.uniform(0.93, 1.07, size=3)
+      factor = float(rng.uniform(0.3, 1.0))
       region = ellipsoid_region(grid, c, a, euler_rotation(ang))
       if region is None:
         continue
       value = values[label] * (1.0 + 0.15 * iron[region[0]])
-      canvas.paint(region, value, label, weight=not_csf,
-                   r2s=R2STAR_HZ[label] * (1.0 + 0.1 * rng.uniform(-1, 1)))
+      canvas.paint(region, value, label, weight=not_csf, appearance=False)
+      mag_region = ellipsoid_region(grid, c_mag, a_mag, euler_rotation(ang))
+      if mag_region is not None:
+        iron_ppm = max(values[label] - values[9], 0.0) * (1.0 + 0.15 * iron[mag_region[0]])
+        canvas.paint_appearance(mag_region, PD[label],
+                                R2STAR_HZ[9] + r2s_per_ppm * factor * iron_ppm, weight=not_csf)
+      visibility.setdefault(str(label), []).append(round(factor, 3))
   # Veins: the midline sinus, then random smaller vessels (inside the brain only).
   inside = template.mask.astype(np.float32)
   vessels = [(template.midline_sinus, rng.uniform(2.0, 3.2))]
@@ -567,8 +629,21 @@ def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Can
   for points, radius in vessels:
     canvas.paint(tube_region(grid, points, radius), values[11] * rng.uniform(0.9, 1.1), 11,
                  weight=inside)
+  # R2* independent of chi (water content, fibre orientation, ...), then the magnitude blur;
+  # normalised by the blurred mask so the brain's outline does not darken.
+  canvas.r2s += (2.0 * smooth_field(grid.shape, rng, 8.0)) * inside
+  np.maximum(canvas.r2s, 1.0, out=canvas.r2s)
+  blur_mm = float(rng.uniform(0.7, 1.2))
+  weight = np.maximum(scipy.ndimage.gaussian_filter(inside, blur_mm), 1e-3)
+  for vol in (canvas.pd, canvas.r2s):
+    vol[...] = scipy.ndimage.gaussian_filter(vol, blur_mm) / weight * inside
   meta = {"tissue_chi_ppm": {str(k): round(v, 5) for k, v in sorted(values.items())},
-          "n_vessels": len(vessels)}
+          "n_vessels": len(vessels),
+          "chi_texture_ppm": {"8": round(texture_ppm[8], 5), "9": round(texture_ppm[9], 5),
+                              "fine": round(fine_ppm, 5)},
+          "magnitude": {"t1_weight": round(t1_weight, 4), "blur_mm": round(blur_mm, 3),
+                        "r2star_per_ppm": round(r2s_per_ppm, 2),
+                        "nucleus_r2star_visibility": visibility}}
   return canvas, meta
 
 
@@ -624,9 +699,14 @@ def brain_phantom(seed: int, shape: Sequence[int] | None = None,
     return scipy.ndimage.map_coordinates(vol, coords, order=order, mode="constant", cval=0,
                                          prefilter=False)
 
-  out = Canvas(grid, sample(canvas.chi, 1), sample(canvas.seg, 0), sample(canvas.pd, 1),
-               sample(canvas.r2s, 1))
-  del coords
+  chi, seg = sample(canvas.chi, 1), sample(canvas.seg, 0)
+  # The magnitude maps go through a separate mild warp (about 0.5 mm): in vivo, magnitude and
+  # susceptibility borders do not coincide voxel for voxel.
+  mag_warp_mm = float(rng.uniform(0.3, 0.7))
+  for j in range(3):
+    coords[j] += smooth_field_mm(grid, rng, 12.0 * zoom) * np.float32(mag_warp_mm / zoom)
+  out = Canvas(grid, chi, seg, sample(canvas.pd, 1), sample(canvas.r2s, 1))
+  del coords, chi, seg
   mask = out.seg > 0
   placed = []
   if lesions:
@@ -636,7 +716,8 @@ def brain_phantom(seed: int, shape: Sequence[int] | None = None,
       "template": "ICBM152 2009c nonlinear symmetric (nilearn bundled)",
       "anatomy_zoom": round(zoom, 5), "rotation_deg": np.round(angles, 3).tolist(),
       "scale": np.round(scale, 4).tolist(), "translation_mm": np.round(translation, 3).tolist(),
-      "warp_std_mm": round(warp_std, 3), "lesions": placed})
+      "warp_std_mm": round(warp_std, 3), "magnitude_warp_mm": round(mag_warp_mm, 3),
+      "lesions": placed})
   return finish_phantom(out, mask, meta)
 
 
