@@ -541,7 +541,7 @@ def default_model_path() -> pathlib.Path:
   Raises:
     InputError: none exported yet.
   """
-  from qsmgan_tf import export  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import exporting as export  # pylint: disable=import-outside-toplevel
   base = _repo_root() / "saved_models" / "qsmgan"
   versions = export.list_versions(base)
   if not versions:
@@ -644,7 +644,7 @@ class SavedModelBackend(_Backend):
   kind = "saved_model"
 
   def __init__(self, path):
-    from qsmgan_tf import export  # pylint: disable=import-outside-toplevel
+    from qsmgan_tf import exporting as export  # pylint: disable=import-outside-toplevel
     self.path = export.resolve_saved_model(path)
     self.loaded, self.contract = export.load(self.path)
     self.signatures = self.loaded.signatures
@@ -773,7 +773,7 @@ def load_backend(model=None, server: str | None = None, rest_url: str | None = N
     if not (path.parent / "contract.json").is_file():
       raise InputError(f"no contract.json beside {path.name} in {path.parent}")
   else:
-    from qsmgan_tf import export  # pylint: disable=import-outside-toplevel
+    from qsmgan_tf import exporting as export  # pylint: disable=import-outside-toplevel
     path = export.resolve_saved_model(path)
   # Cached: evaluating many subjects loads and traces a model once (the file's mtime is part
   # of the key, so a re-exported or retrained file is loaded afresh).

@@ -8,7 +8,8 @@ re-run or change any single step:
   1. ``python -m data_prep.make_tfrecords``: simulated ICBM152 brains (some with microbleeds and
      calcifications) and anatomy-free shape phantoms -> sharded TFRecords (Apache Beam);
   2. ``python -m qsmgan_tf.train``: the ``cpu_small`` preset, L1 pretraining then WGAN-GP;
-  3. ``python -m qsmgan_tf.export``: SavedModel for TF Serving under ``<work_dir>/saved_models``;
+  3. the SavedModel for TF Serving under ``<work_dir>/saved_models`` (``train --export_base`` on
+     the first run; ``python -m qsmgan_tf.export`` when a re-run retrained the model);
   4. ``python -m data_prep.make_phantom``: a validation brain from a seed never used for training;
   5. ``python -m qsmgan_tf.evaluate``: qsmgan (refined and not) against TKD, L2, iLSQR, MEDI and TV
      on that brain: a markdown table on stdout, results.json and figure.png.
@@ -114,6 +115,8 @@ def main(argv):
                 f"--preset={_PRESET.value}", "--stage=both"] + quiet
   if _TOTAL_STEPS.value:
     train_args.append(f"--total_steps={_TOTAL_STEPS.value}")
+  if _newest_version(export_base) is None:
+    train_args.append(f"--export_base={export_base}")  # the first run exports as it ends
   _run("training", train_args)
 
   version = _newest_version(export_base)

@@ -10,6 +10,9 @@ Presets (``paper``, ``cpu_small``, ``test_tiny``) choose the network size and de
 the training flags; flags given explicitly override them. Multi-worker training reads TF_CONFIG
 (``--strategy=multi_worker``, or ``auto`` with more than one worker listed).
 
+With ``--export_base=saved_models/qsmgan`` the best generator is exported for TF Serving when
+training ends (the next integer version; see ``python -m qsmgan_tf.export``).
+
 Exit status: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad input.
 """
 
@@ -66,6 +69,9 @@ _PRECISION = flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_b
                                "else float32.")
 _SEED = flags.DEFINE_integer("seed", None, "Seed for weights, data order and GP draws.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+_EXPORT_BASE = flags.DEFINE_string("export_base", None, "If set, export the best generator "
+                                   "as the next SavedModel version under this base path when "
+                                   "training ends (chief only), as `python -m qsmgan_tf.export`.")
 
 
 def _config_from_flags():
@@ -113,6 +119,10 @@ def main(argv):
     print(f"generator_best: {os.path.join(summary['model_dir'], 'generator_best.keras')} "
           f"(val NRMSE {best['val_nrmse']:.2f} % at step {best['step']})")
   print(f"TensorBoard: tensorboard --logdir={os.path.join(summary['model_dir'], 'logs')}")
+  if _EXPORT_BASE.value and summary.get("chief", True):
+    from qsmgan_tf import exporting as export  # pylint: disable=import-outside-toplevel
+
+    print(f"SavedModel: {export.export_model(summary['model_dir'], _EXPORT_BASE.value)}")
   return 0
 
 

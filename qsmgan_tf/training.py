@@ -572,6 +572,7 @@ def train(config: TrainConfig, datasets: tuple | None = None,
     with contextlib.suppress(OSError):
       os.rmdir(os.path.join(model_dir, ".workers"))  # the last worker out removes it
   summary["generator_final"] = final
+  summary["chief"] = chief
   best_record = os.path.join(model_dir, "best.json")
   if os.path.exists(best_record):
     with open(best_record, encoding="utf-8") as f:

@@ -302,7 +302,7 @@ def test_keras_file_and_training_folder(tmp_path, tiny):
 
 def test_saved_model_gives_the_local_numbers(tmp_path, tiny):
   """CLI == TF Serving: a SavedModel's predict_volume gives the Keras model's result."""
-  from qsmgan_tf import export  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import exporting as export  # pylint: disable=import-outside-toplevel
   version = export.export_generator(tiny, _CONTRACT, tmp_path / "qsmgan", version=3)
   _, field, mask = _phantom()
   want, _ = inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT))

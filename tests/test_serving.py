@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from qsmgan_tf import export
+from qsmgan_tf import exporting as export  # the library behind the binary
 from qsmgan_tf import networks
 from qsmgan_tf import serving
 from qsmgan_tf.nifti_io import InputError
