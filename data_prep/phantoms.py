@@ -5,9 +5,11 @@ nilearn wheel, nothing is downloaded) get a random affine (rotation, per-axis sc
 and a smooth random non-linear warp; deep grey nuclei and thalamus are synthesised as soft
 ellipsoids at approximate MNI coordinates in both hemispheres; veins are random tubes plus a
 superior-sagittal-sinus-like tube traced along the midline convexity; tissue susceptibilities are
-drawn around literature values with a smooth iron texture; optional pathology adds microbleeds and a
-calcification. The result is a `Phantom`: susceptibility (ppm), qsm-ci segmentation labels, brain
-mask, and the proton density and R2* the magnitude simulation (`data_prep.simulate`) needs.
+drawn around literature values with smooth and fine within-tissue textures and an iron texture in
+the nuclei; optional pathology adds microbleeds and a calcification. Proton density and R2* (the
+magnitude) follow their own model, related to chi but not sharing its edges (`_template_canvas`).
+The result is a `Phantom`: susceptibility (ppm), qsm-ci segmentation labels, brain mask, and the
+proton density and R2* the magnitude simulation (`data_prep.simulate`) needs.
 
 This module also holds the drawing primitives (`Grid`, soft ellipsoids, cylinders and tubes, smooth
 random fields, lesions) that the anatomy-free phantoms in `data_prep.shapes` reuse.
@@ -584,11 +586,13 @@ def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Can
   chi = p_csf * np.float32(values[10])
   for label, frac in ((9, p_gm), (8, p_wm)):
     tissue = smooth_field(grid.shape, rng, float(rng.uniform(5.0, 15.0)))
+    # Centred over the tissue, so its mean stays the drawn literature value.
+    tissue -= np.float32(np.sum(frac * tissue, dtype=np.float64) / max(float(frac.sum()), 1e-6))
     tissue *= np.float32(texture_ppm[label])
     tissue += np.float32(values[label])
     chi += frac * tissue
     del tissue
-  chi += (1.0 - p_csf) * fine * np.float32(fine_ppm)
+  chi += (p_gm + p_wm) * fine * np.float32(fine_ppm)
   chi = chi.astype(np.float32)
   del fine
   s_wm, s_gm, s_csf = template.soft
@@ -635,8 +639,13 @@ def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Can
   np.maximum(canvas.r2s, 1.0, out=canvas.r2s)
   blur_mm = float(rng.uniform(0.7, 1.2))
   weight = np.maximum(scipy.ndimage.gaussian_filter(inside, blur_mm), 1e-3)
+  # Outside the mask the maps continue the nearest brain voxel's values: the magnitude's own warp
+  # (`brain_phantom`) must not pull zero signal (uniform phase noise) into the mask's rim.
+  nearest = scipy.ndimage.distance_transform_edt(~template.mask, return_distances=False,
+                                                 return_indices=True)
   for vol in (canvas.pd, canvas.r2s):
-    vol[...] = scipy.ndimage.gaussian_filter(vol, blur_mm) / weight * inside
+    vol[...] = (scipy.ndimage.gaussian_filter(vol, blur_mm) / weight)[tuple(nearest)]
+  del nearest
   meta = {"tissue_chi_ppm": {str(k): round(v, 5) for k, v in sorted(values.items())},
           "n_vessels": len(vessels),
           "chi_texture_ppm": {"8": round(texture_ppm[8], 5), "9": round(texture_ppm[9], 5),

@@ -86,7 +86,9 @@ def shapes_phantom(seed: int, shape: Sequence[int] | None = None,
     kind = rng.choice(["sphere", "ellipsoid", "cylinder", "tube"], p=[0.25, 0.3, 0.2, 0.25])
     centre = (rng.uniform(-0.5, 0.5, size=3) * semi * 2.0) * 0.8
     chi_value = _object_chi(rng)
-    r2s = 20.0 + 80.0 * abs(chi_value)  # iron/haemosiderin-like: R2* grows with |chi|
+    # Iron/haemosiderin-like: R2* grows with |chi|, by a random factor per object, so magnitude
+    # contrast does not mirror chi contrast (some objects faint, some dark).
+    r2s = 20.0 + 80.0 * abs(chi_value) * float(rng.uniform(0.3, 1.0))
     label = 12
     if kind == "sphere":
       region = P.ellipsoid_region(grid, centre, (rng.uniform(0.02, 0.1) * size,) * 3)

@@ -12,8 +12,11 @@ a `Subject`, the record every later stage consumes (TFRecord writer, evaluation,
   uniform phase where it is not (inside microbleeds), consistently with the magnitude's noise;
 * optional residual background field: a random polynomial of degree <= ``background_order`` over
   the mask (std 0.005-0.02 ppm), mimicking imperfect background removal; 0 adds none;
-* magnitude: ``PD exp(-TE R2*)`` per tissue, times intravoxel dephasing from the local field's
-  gradient (so veins and microbleeds are dark and bloom), times a smooth bias field, plus noise;
+* magnitude: ``PD exp(-TE R2*)`` from the phantom's own proton density and R2* maps (for brains
+  a separate model from chi's: T1-weighted, partial-volume, displaced and blurred borders, R2*
+  only partly following iron, see `phantoms._template_canvas`), times intravoxel dephasing from
+  the local field's gradient (so veins and microbleeds are dark and bloom), times a smooth bias
+  field, plus noise;
 * target: the true chi (``target='chi'``) or COSMOS (``target='cosmos'``) from three simulated
   orientations: the acquisition B0 and B0 tilted by 25 degrees about each of two orthogonal axes,
   each with its own noise, referenced to the truth's mean over the mask.

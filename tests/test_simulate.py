@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from data_prep import simulate
 from qsmgan_tf import physics
@@ -128,6 +129,14 @@ def test_magnitude_dark_in_veins_and_microbleeds(brain):
   assert np.median(mag[brain.seg == 11]) < wm
   assert np.median(mag[brain.seg == 10]) > wm  # CSF is bright
   assert np.all(brain.magnitude[~brain.mask] >= 0)
+
+
+def test_magnitude_rim_is_not_dark(brain):
+  # The magnitude's own warp must not pull zero signal into the mask: a dark rim would mean
+  # uniform phase noise (about 0.1 ppm) along the whole brain outline.
+  mag = brain.components["clean_magnitude"]
+  rim = brain.mask & ~scipy.ndimage.binary_erosion(brain.mask) & ~np.isin(brain.seg, [11, 16, 17])
+  assert np.mean(mag[rim] < 0.2 * np.median(mag[brain.mask])) < 0.01
 
 
 @pytest.mark.parametrize("kwargs, message", [
