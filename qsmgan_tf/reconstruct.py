@@ -72,9 +72,8 @@ def run_method(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     voxel_size_mm: voxel size, mm.
     b0_dir: B0 direction in the voxel frame.
     magnitude: optional magnitude image (MEDI's weights and edge mask).
-    reference: 'mask_mean' or 'none' (see `apply_reference`). `classical.reconstruct` already
-      removes the mask mean, so for classical methods both give the same map; 'none' keeps the
-      network's own level for 'qsmgan'.
+    reference: 'mask_mean' or 'none' (see `apply_reference`): 'none' keeps the level the method
+      produced.
     params: classical methods: overrides of `classical.DEFAULTS[name]`; 'qsmgan': keyword
       arguments of `inference.reconstruct_qsmgan` (merged under ``options``).
     **options: keyword arguments of `inference.reconstruct_qsmgan` (model, server, rest_url,

@@ -49,7 +49,10 @@ def reconstruct(name: str, field_ppm: np.ndarray, mask: np.ndarray,
                 voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
                 b0_dir: Sequence[float] = (0.0, 0.0, 1.0), magnitude: np.ndarray | None = None,
                 params: Mapping[str, Any] | None = None) -> np.ndarray:
-  """Runs classical method ``name`` and removes chi's mean over the mask.
+  """Runs classical method ``name`` with its documented defaults (overridable).
+
+  chi is returned as the method produced it: referencing (e.g. removing the mean over the mask)
+  is the caller's choice, made in one place (`qsmgan_tf.reconstruct.apply_reference`).
 
   Args:
     name: a key of METHODS.
@@ -61,7 +64,7 @@ def reconstruct(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     params: overrides of DEFAULTS[name].
 
   Returns:
-    chi, ppm, float32, zero mean over the mask and zero outside it.
+    chi, ppm, float32, zero outside the mask, not referenced.
 
   Raises:
     nifti_io.InputError: unknown method or parameter, or bad inputs.
@@ -73,7 +76,4 @@ def reconstruct(name: str, field_ppm: np.ndarray, mask: np.ndarray,
   unknown = set(params) - set(DEFAULTS[name])
   if unknown:
     raise nifti_io.InputError(f"unknown parameter(s) for {name}: {', '.join(sorted(unknown))}")
-  chi = METHODS[name](field_ppm, mask, voxel_size_mm, b0_dir, magnitude=magnitude, **params)
-  mask = np.asarray(mask).astype(bool)
-  chi[mask] -= np.float32(chi[mask].mean(dtype=np.float64))
-  return chi
+  return METHODS[name](field_ppm, mask, voxel_size_mm, b0_dir, magnitude=magnitude, **params)
