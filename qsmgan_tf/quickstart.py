@@ -115,7 +115,8 @@ def main(argv):
                 f"--preset={_PRESET.value}", "--stage=both"] + quiet
   if _TOTAL_STEPS.value:
     train_args.append(f"--total_steps={_TOTAL_STEPS.value}")
-  if _newest_version(export_base) is None:
+  exported_by_training = _newest_version(export_base) is None
+  if exported_by_training:
     train_args.append(f"--export_base={export_base}")  # the first run exports as it ends
   _run("training", train_args)
 
@@ -124,7 +125,8 @@ def main(argv):
   trained_at = max((os.path.getmtime(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                     if f.endswith(".keras")), default=0.0)
   if version and exported_at >= trained_at:
-    print(f"\n=== export: reusing {version}")
+    how = "written by the training step" if exported_by_training else "reusing"
+    print(f"\n=== export: {how}: {version}")
   else:
     _run("export", ["qsmgan_tf.export", f"--model_dir={model_dir}",
                     f"--export_base={export_base}"])
