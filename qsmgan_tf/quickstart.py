@@ -15,7 +15,7 @@ re-run or change any single step:
      on that brain: a markdown table on stdout, results.json and figure.png.
 
 Re-running the command reuses what is complete (the dataset, the validation phantom) and resumes
-training from its last checkpoint. Budget on 2 CPU cores: about 20 minutes with the defaults.
+training from its last checkpoint. Measured on 2 CPU cores: about 10-12 minutes with the defaults (BUILD.md).
 """
 
 from __future__ import annotations
