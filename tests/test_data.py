@@ -12,6 +12,8 @@ from data_prep import patches
 from data_prep import pipeline
 from qsmgan_tf import data
 from qsmgan_tf import records
+
+import shard_helpers  # tests/shard_helpers.py
 from qsmgan_tf.nifti_io import InputError
 
 
@@ -22,15 +24,6 @@ def dataset_dir(tmp_path_factory):
   pipeline.make_dataset(specs, patches.PatchConfig(16, 8, 6), out,
                         pipeline.WriteOptions(train_shards=2, val_shards=1))
   return out
-
-
-def _record_past_fingerprint(path):
-  """(index, offset) of a record whose data lies outside the fingerprinted first/last 64 KiB."""
-  size = path.stat().st_size
-  for index, (offset, length, _) in enumerate(records.iter_spans(path)):
-    if offset > 1 << 16 and offset + length < size - (1 << 16):
-      return index, offset
-  raise AssertionError(f"{path.name} is too small for this test ({size} bytes)")
 
 
 def _field_hashes_from_files(paths):
@@ -124,7 +117,7 @@ def test_corrupted_record_error_names_the_shard(dataset_dir, tmp_path):
   copy = tmp_path / "ds"
   shutil.copytree(dataset_dir, copy)
   name = records.load_manifest(copy)["splits"]["train"]["shards"][1]["name"]
-  index, offset = _record_past_fingerprint(copy / name)
+  index, offset = shard_helpers.record_past_fingerprint(copy / name)
   blob = bytearray((copy / name).read_bytes())
   blob[offset + 12 + 500] ^= 0x10  # a record's data: passes the fast start-up check
   (copy / name).write_bytes(bytes(blob))

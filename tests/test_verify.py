@@ -16,6 +16,8 @@ from data_prep import verify
 from qsmgan_tf import data
 from qsmgan_tf import records
 
+import shard_helpers  # tests/shard_helpers.py
+
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -42,15 +44,6 @@ def _shard(path, index=1):
   return records.load_manifest(path)["splits"]["train"]["shards"][index]["name"]
 
 
-def _record_past_fingerprint(path):
-  """(index, offset) of a record whose data lies outside the fingerprinted first/last 64 KiB."""
-  size = path.stat().st_size
-  for index, (offset, length, _) in enumerate(records.iter_spans(path)):
-    if offset > 1 << 16 and offset + length < size - (1 << 16):
-      return index, offset
-  raise AssertionError(f"{path.name} is too small for this test ({size} bytes)")
-
-
 def _truncate(ds, other):
   name = _shard(ds)
   with open(ds / name, "r+b") as f:
@@ -60,7 +53,7 @@ def _truncate(ds, other):
 
 def _flip(ds, other):
   name = _shard(ds)
-  index, offset = _record_past_fingerprint(ds / name)
+  index, offset = shard_helpers.record_past_fingerprint(ds / name)
   blob = bytearray((ds / name).read_bytes())
   blob[offset + 12 + 1000] ^= 0xFF  # inside a record's data: size and count unchanged
   (ds / name).write_bytes(bytes(blob))
