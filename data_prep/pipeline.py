@@ -27,6 +27,7 @@ import numpy as np
 
 from data_prep import manifest as manifest_lib
 from data_prep import patches as patches_lib
+from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf import records
 from qsmgan_tf.nifti_io import InputError
@@ -214,10 +215,7 @@ def _split_index(element, num_partitions) -> int:  # pylint: disable=unused-argu
 
 
 def _write_json(items, path) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(list(items), f)
-  os.replace(tmp, path)
+  nifti_io.write_text(path, json.dumps(list(items)))
 
 
 def beam_args(runner: str = "DirectRunner", num_workers: int = 1,

@@ -15,7 +15,6 @@ function so importing this module stays cheap.
 from __future__ import annotations
 
 import io
-import os
 from typing import Sequence
 
 import numpy as np
@@ -117,12 +116,4 @@ def render_comparison(truth_ppm: np.ndarray, maps: Sequence[tuple[str, np.ndarra
 def write_comparison(path, truth_ppm, maps, mask, **kwargs) -> None:
   """Renders `render_comparison` and writes it atomically (temp file, then rename) to ``path``."""
   png = render_comparison(truth_ppm, maps, mask, **kwargs)
-  path, tmp = nifti_io._atomic_target(path)  # pylint: disable=protected-access
-  try:
-    with open(tmp, "wb") as f:
-      f.write(png)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  nifti_io.write_bytes(path, png)

@@ -8,6 +8,7 @@ never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -150,12 +151,34 @@ def _atomic_target(path) -> tuple[pathlib.Path, str]:
   if not folder.is_dir():
     raise InputError(f"output folder does not exist: {folder}")
   fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp" + "".join(
-      s for s in path.suffixes[-2:] if s in (".nii", ".gz", ".json", ".md", ".png")), dir=folder)
+      s for s in path.suffixes[-2:] if s in (".nii", ".gz", ".json", ".md", ".png", ".keras")),
+      dir=folder)
   os.close(fd)
   # mkstemp creates 0600 files; outputs are ordinary readable files. (Reading the umask would
   # mean setting it, which is process-global and races with other threads.)
   os.chmod(tmp, 0o644)
   return path, tmp
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+  """Yields a temporary path beside ``path``; renames it to ``path`` when the block succeeds.
+
+  On any failure the temporary file is removed and ``path`` is untouched: an output is whole
+  or absent. The temporary name keeps the file's suffixes (.nii.gz, .keras, ...) for writers
+  that choose a format by suffix, and starts with a dot.
+
+  Raises:
+    InputError: the destination folder does not exist.
+  """
+  path, tmp = _atomic_target(path)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def write_volume(path, data: np.ndarray, reference_img) -> None:
@@ -165,8 +188,7 @@ def write_volume(path, data: np.ndarray, reference_img) -> None:
   """
   import nibabel as nib  # pylint: disable=import-outside-toplevel
 
-  path, tmp = _atomic_target(path)
-  try:
+  with atomic_output(path) as tmp:
     header = reference_img.header.copy()
     header.set_data_dtype(np.float32)
     data = np.asarray(data, dtype=np.float32)
@@ -178,24 +200,18 @@ def write_volume(path, data: np.ndarray, reference_img) -> None:
     img.set_qform(reference_img.get_qform(), int(reference_img.header["qform_code"]))
     img.header.set_slope_inter(1.0, 0.0)
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def write_text(path, text: str) -> None:
   """Writes a text file atomically (temporary file, then rename)."""
-  path, tmp = _atomic_target(path)
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def write_bytes(path, payload: bytes) -> None:
+  """Writes bytes (e.g. a PNG) atomically (temporary file, then rename)."""
+  with atomic_output(path) as tmp, open(tmp, "wb") as f:
+    f.write(payload)
 
 
 def write_json(path, payload: dict) -> None:

@@ -32,7 +32,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Callable
 
 from absl import logging
@@ -179,16 +178,8 @@ def plan_stages(config: TrainConfig) -> list[tuple[str, int, int]]:
 # --------------------------------------------------------------------------------------
 def save_keras_atomic(model: keras.Model, path) -> None:
   """model.save to a temporary .keras beside ``path``, then rename: never half-written."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-  os.close(fd)
-  try:
+  with nifti_io.atomic_output(path) as tmp:
     model.save(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _manifest_info(data_dir) -> dict[str, Any]:
