@@ -1,5 +1,5 @@
-r"""Whole-volume inference benchmark: QSMGAN (single pass / sliding window, float32 / bfloat16,
-with / without refinement) next to TKD, in one run, on real volume sizes.
+r"""Whole-volume inference benchmark: QSMGAN (single pass / in-graph tiles / sliding window,
+float32 / bfloat16, with / without refinement) next to TKD, in one run, on real volume sizes.
 
   python benchmarks/inference.py                      # speed + memory, ~5 min on 2 cores
   python benchmarks/inference.py --study=refine       # choose mu / iterations / margin
@@ -12,7 +12,11 @@ Each measurement runs in its own subprocess, so its peak memory (``ru_maxrss`` f
 generator is the ``paper`` preset with random weights (speed does not depend on training).
 The volume is an ellipsoidal "brain" filling 85 % of each axis (a larger bounding box than a
 real head in that field of view: a conservative size) with a smooth random chi and its field.
-One JSON line per measurement; ``ratio_to_tkd`` compares with TKD of the same run.
+One JSON line per measurement; ``ratio_to_tkd`` compares with TKD of the same run. The
+in-graph tiles (``qsmgan_graph_tiles_f32_cg``: the default single-pass path with a contract
+budget of one voxel, so `inference.network_volume_tf` tiles with the contract's default tile)
+also report ``ratio_to_single`` and ``memory_ratio_to_single`` against
+``qsmgan_single_f32_cg`` of the same run.
 
 The refinement study (``--study=refine``) simulates brain and shape phantoms
 (`data_prep.simulate`), makes priors of known quality (zero, TKD, and the truth degraded the
@@ -47,6 +51,9 @@ MEASUREMENTS = {
     "qsmgan_single_f32_cg": {"inference": "single", "refine": "cg", "precision": "float32"},
     "qsmgan_single_bf16_none": {"inference": "single", "refine": "none", "precision": "bfloat16"},
     "qsmgan_single_bf16_cg": {"inference": "single", "refine": "cg", "precision": "bfloat16"},
+    # The SavedModel's path beyond its memory budget: forced here by a one-voxel budget.
+    "qsmgan_graph_tiles_f32_cg": {"inference": "single", "refine": "cg", "precision": "float32",
+                                  "contract_inference": {"max_single_pass_voxels": 1}},
     "qsmgan_tiled_f32_cg": {"inference": "sliding_window", "refine": "cg",
                             "precision": "float32", "sw_batch_size": 2},
     "qsmgan_tiled_bf16_cg": {"inference": "sliding_window", "refine": "cg",
@@ -78,6 +85,7 @@ def _child(config: dict) -> dict:
   data = np.load(config["volume"])
   field, mask = data["field"], data["mask"]
   options = dict(config["options"])
+  contract_inference = options.pop("contract_inference", None)
   t0 = time.perf_counter()
   if options.pop("method", None) == "tkd":
     from qsmgan_tf import classical  # pylint: disable=import-outside-toplevel
@@ -92,6 +100,8 @@ def _child(config: dict) -> dict:
     config_g = networks.PRESETS["paper"]
     generator = networks.build_generator(config_g)
     contract = {"generator": config_g.to_dict(), "voxel_size_mm": [1.0, 1.0, 1.0]}
+    if contract_inference:
+      contract["inference"] = contract_inference
     t0 = time.perf_counter()
     backend = inference.load_backend((generator, contract), precision=options["precision"])
     chi, info = inference.reconstruct_qsmgan(field, mask, (1, 1, 1), (0, 0, 1),
@@ -104,7 +114,7 @@ def _child(config: dict) -> dict:
     inference.reconstruct_qsmgan(field, mask, (1, 1, 1), (0, 0, 1), backend=backend,
                                  progress=False, **options)
     out["seconds_warm"] = round(time.perf_counter() - t0, 2)
-  for key in ("residual_before", "residual_after", "seconds", "sliding_window"):
+  for key in ("residual_before", "residual_after", "seconds", "sliding_window", "network_pass"):
     if key in info:
       out["info_" + key if key == "seconds" else key] = info[key]
   return out
@@ -138,7 +148,7 @@ def _speed(shapes):
       # Made in a child: the parent stays small, so a child's ru_maxrss (which on Linux starts
       # from the parent's RSS at fork) measures the child.
       box = _run_child({"make_volume": path, "shape": list(shape)})["mask_box"]
-      tkd_s = None
+      tkd_s = single = None
       for name, options in MEASUREMENTS.items():
         if _ONLY.value and name not in _ONLY.value and name != "tkd":
           continue
@@ -151,6 +161,13 @@ def _speed(shapes):
           tkd_s = result.get("seconds")
         elif tkd_s and "seconds" in result:
           result["ratio_to_tkd"] = round(result["seconds"] / tkd_s, 1)
+        if name == "qsmgan_single_f32_cg":
+          single = result
+        elif (name == "qsmgan_graph_tiles_f32_cg" and single and "seconds" in single
+              and "seconds" in result):
+          result["ratio_to_single"] = round(result["seconds"] / single["seconds"], 2)
+          result["memory_ratio_to_single"] = round(result["peak_rss_gb"] / single["peak_rss_gb"],
+                                                   2)
         print(json.dumps({"benchmark": "inference", "name": name, "shape": list(shape),
                           "mask_box": box, **result}), flush=True)
 

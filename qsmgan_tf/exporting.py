@@ -16,12 +16,16 @@ Signatures (all in ppm; normalisation and output transform are inside the graph)
     with the patch sizes of the model's contract (64 -> 48 for the paper preset);
   * ``predict_volume``: a whole volume with mask, B0 direction and voxel size -> refined chi,
     the network's chi and the field residuals: one fully convolutional pass over the mask's
-    bounding box, then CG refinement, in one graph (`inference.make_predict_volume_fn`);
-  * ``network_volume``: the network alone over a whole volume (`inference.make_network_volume_fn`);
+    bounding box, or overlapping Gaussian-blended tiles of it in a `tf.while_loop` when the
+    pass would exceed the contract's memory budget (``inference.max_single_pass_voxels``,
+    chosen in the graph per request), then CG refinement, in one graph
+    (`inference.make_predict_volume_fn`);
+  * ``network_volume``: the network alone over a whole volume, same pass or tiles
+    (`inference.make_network_volume_fn`);
   * ``refine``: data-consistency refinement of a given chi (`inference.make_refine_fn`);
   * ``contract``: no input -> ``contract_json``, the model's contract (patch sizes, trained voxel
     sizes, dipole sign, normalisation, training-data manifest hash, code version, refinement
-    defaults) read from ``assets/contract.json``.
+    defaults, in-graph tiling budget and tile size) read from ``assets/contract.json``.
 
 The contract is visible without running anything: the asset file, and ``saved_model_cli show
 --dir <version> --all``, which lists the ``contract`` function's traced argument, the contract
@@ -141,17 +145,24 @@ def _json_ready(value):
 def serving_contract(contract: dict[str, Any], **export_info) -> dict[str, Any]:
   """The contract that ships with an export: training's contract plus export facts.
 
-  Adds ``refine`` defaults when training did not record them, and an ``export`` entry (code,
-  TensorFlow and Keras versions, signature names, plus ``export_info``).
+  Adds ``refine`` defaults when training did not record them, the ``inference`` tiling
+  parameters (`inference.tiling_params`: the contract's values, completed with
+  `inference.TILING_DEFAULTS`), and an ``export`` entry (code, TensorFlow and Keras versions,
+  signature names, plus ``export_info``).
+
+  Raises:
+    InputError: tiling parameters out of range.
   """
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   import qsmgan_tf  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
   out = _json_ready(contract)
   out.setdefault("refine", dict(refine.DEFAULTS))
+  out["inference"] = inference.tiling_params(out)
   out.setdefault("units", {"field": "ppm of B0", "chi": "ppm"})
   out["export"] = _json_ready({
       "code_version": qsmgan_tf.__version__,

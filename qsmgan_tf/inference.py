@@ -6,12 +6,17 @@ Pipeline of `reconstruct_qsmgan` (every step logged and recorded in the returned
      field is resampled onto the model's grid (trilinear, centre-aligned); if B0 is oblique to
      the model's B0 axis, the field is rotated (in mm) so B0 lies along that axis. Both are
      undone on the network output. Nothing assumes an axial acquisition silently;
-  2. the network: by default ONE fully convolutional pass over the mask's bounding box
-     (`volume_pass_tf`: same accuracy as overlapping tiles and several times faster,
-     REFERENCE.md); ``inference='sliding_window'`` is the bounded-memory fallback
-     (`sliding_window`, MONAI vocabulary: ``roi_size`` = output patch, ``overlap``,
-     ``mode='gaussian'|'constant'``, ``sigma_scale``, ``sw_batch_size``, ``progress``), which
-     steps on the OUTPUT grid and blends only the output region;
+  2. the network, by default in the model's graph (`network_volume_tf`): ONE fully
+     convolutional pass over the mask's bounding box (`volume_pass_tf`: same accuracy as
+     overlapping tiles and several times faster, REFERENCE.md) while its input has at most
+     ``contract['inference']['max_single_pass_voxels']`` voxels (`TILING_DEFAULTS`: ~12 GB
+     in float32 for the paper preset), beyond that overlapping Gaussian-blended tiles of the
+     same region in a `tf.while_loop` (`volume_tiles_tf`), chosen per input by `tf.cond`.
+     ``inference='sliding_window'`` tiles on the client instead, patch by patch, the least
+     memory (`sliding_window`, MONAI vocabulary: ``roi_size`` = output patch, ``overlap``,
+     ``mode='gaussian'|'constant'``, ``sigma_scale``, ``sw_batch_size``, ``progress``). Both
+     tilings step on the OUTPUT grid, blend only the output region and keep tiles on the
+     single pass's pooling grid;
   3. data consistency on the ORIGINAL grid with the TRUE B0 direction (`refine`): a few CG
      iterations of ``min ||M(D chi - field)||^2 + mu ||chi - chi_net||^2`` started at the
      network output, with the defaults the model's contract records.
@@ -56,6 +61,22 @@ ROTATE_MIN_DEG = 1.0
 """B0 closer than this to the model's axis is not rotated (the refinement uses the true B0)."""
 VOXEL_RTOL = 0.01
 """Voxel sizes within 1 % of the model's are not resampled."""
+IMPORTANCE_FLOOR = 1e-3
+"""Smallest blending weight, relative to the peak (MONAI's guard against dividing by ~0)."""
+# Peak memory of the paper preset's single pass (float32, BUILD.md "Speed and memory") grows
+# ~linearly with the network's input voxels (the mask's box + 2 x 8 margin, rounded up to 16):
+# 3.10 GB at 160x192x160 (4.92 M) and 5.22 GB at 240x240x160 (9.22 M), i.e. ~0.49 GB per
+# million input voxels + ~0.68 GB. The budget, 23 M input voxels (0.68 + 0.49 x 23 = ~12 GB),
+# keeps 256x256x160 whole (9.2 M for the benchmark's brain; 272x272x176 = 13.0 M, ~7 GB, if
+# the mask filled the field of view) on a 24 GB machine and tiles anything that would need
+# more than ~12 GB. A tile of 176 output voxels reads 192^3 = 7.1 M voxels (~4.2 GB); with
+# overlap 0.25 the step is 128 (176 x 0.75 rounded down to 2**depth). Narrower models
+# (cpu_small) and bfloat16 need less per voxel: for them the budget is conservative.
+TILING_DEFAULTS = {"max_single_pass_voxels": 23_000_000, "tile_output_voxels": 176,
+                   "tile_overlap": 0.25}
+"""In-graph tiling (recorded in the model contract as ``contract['inference']``): the
+network's input voxels above which `network_volume_tf` tiles, the tile's output edge and the
+requested overlap between neighbouring tiles."""
 
 
 # --------------------------------------------------------------------------------------
@@ -120,9 +141,171 @@ def model_b0_tolerance_deg(contract: dict[str, Any]) -> float:
   return float(np.degrees(np.arccos(np.clip(np.abs(dirs @ axis), 0.0, 1.0))).max())
 
 
+def tiling_params(contract: dict[str, Any] | None = None) -> dict[str, Any]:
+  """In-graph tiling parameters: ``contract['inference']``, else `TILING_DEFAULTS`.
+
+  Contracts written before the key existed get the defaults.
+
+  Returns:
+    dict with exactly the keys of `TILING_DEFAULTS`, typed like them.
+
+  Raises:
+    InputError: a value out of range.
+  """
+  out = dict(TILING_DEFAULTS)
+  for key, value in ((contract or {}).get("inference") or {}).items():
+    if key in out and value is not None:
+      out[key] = type(TILING_DEFAULTS[key])(value)
+  if out["max_single_pass_voxels"] < 1 or out["tile_output_voxels"] < 1:
+    raise InputError(f"contract inference: max_single_pass_voxels and tile_output_voxels must "
+                     f"be >= 1, got {out}")
+  if not 0.0 <= out["tile_overlap"] < 1.0:
+    raise InputError(f"contract inference: tile_overlap must be in [0, 1), got "
+                     f"{out['tile_overlap']}")
+  return out
+
+
+def tile_geometry(contract: dict[str, Any]) -> dict[str, int]:
+  """`tiling_params` fitted to the contract's network, voxels.
+
+  The tile edge is rounded down so that tile + 2 x crop margin is divisible by 2**depth (at
+  least one such size); the step is `window_step` of it.
+
+  Returns:
+    ``max_single_pass_voxels``, ``tile_output_voxels`` and ``tile_step_voxels``.
+  """
+  geo = network_geometry(contract)
+  params = tiling_params(contract)
+  margin, multiple = geo["margin"], geo["multiple"]
+  tile = max((params["tile_output_voxels"] + 2 * margin) // multiple * multiple,
+             _padded_size(1, margin, multiple)) - 2 * margin
+  if tile != params["tile_output_voxels"]:
+    logging.warning("tile of %d output voxels does not fit the network's %d-voxel pooling "
+                    "grid: using %d", params["tile_output_voxels"], multiple, tile)
+  return {"max_single_pass_voxels": params["max_single_pass_voxels"],
+          "tile_output_voxels": tile,
+          "tile_step_voxels": window_step(tile, params["tile_overlap"], multiple)}
+
+
+def network_pass_plan(mask: np.ndarray, contract: dict[str, Any]) -> dict[str, Any]:
+  """What `network_volume_tf` does with this mask: one pass, or how many in-graph tiles.
+
+  Returns:
+    ``{"pass": "single"|"tiles", "input_voxels": ...}`` plus ``tiles``, ``tile_output_voxels``
+    and ``tile_step_voxels`` when it tiles.
+  """
+  geo = network_geometry(contract)
+  tiles = tile_geometry(contract)
+  n_in = [_padded_size(sl.stop - sl.start, geo["margin"], geo["multiple"])
+          for sl in physics.bounding_box(mask)]
+  voxels = math.prod(n_in)
+  if voxels <= tiles["max_single_pass_voxels"]:
+    return {"pass": "single", "input_voxels": voxels}
+  counts = [_tile_count(n - 2 * geo["margin"],
+                        min(n - 2 * geo["margin"], tiles["tile_output_voxels"]),
+                        tiles["tile_step_voxels"]) for n in n_in]
+  return {"pass": "tiles", "input_voxels": voxels, "tiles": math.prod(counts),
+          "tile_output_voxels": tiles["tile_output_voxels"],
+          "tile_step_voxels": tiles["tile_step_voxels"]}
+
+
 # --------------------------------------------------------------------------------------
 # Graph functions (dynamic shapes; used by the SavedModel signatures)
 # --------------------------------------------------------------------------------------
+def _padded_size(size, margin: int, multiple: int):
+  """Network input edge for ``size`` output voxels: size + 2 margin rounded up to multiple.
+
+  Plain integer arithmetic: the same formula for Python ints (plans) and int32 tensors.
+  """
+  return (size + 2 * margin + multiple - 1) // multiple * multiple
+
+
+def _tile_count(region_out, tile_out, step):
+  """Tiles along one axis: starts 0, step, 2 step, ... with the last one flush with the end."""
+  return (region_out - tile_out + step - 1) // step + 1
+
+
+def _network_region_tf(field_ppm, mask, margin: int, multiple: int):
+  """The single pass's region: its input and where its output goes.
+
+  The output region is the mask's bounding box grown so that output + 2 * ``margin`` is
+  divisible by ``multiple``; the input is that region plus ``margin`` voxels a side of the
+  (masked) field, zero-padded where it leaves the volume.
+
+  Returns:
+    ``(x [n_out + 2 margin], mask01, volume shape, out_begin [3], n_out [3])``.
+  """
+  field = tf.convert_to_tensor(field_ppm, tf.float32)
+  m = tf.cast(tf.cast(tf.convert_to_tensor(mask), tf.float32) > 0.5, tf.float32)
+  shape = tf.shape(field)
+  begin, size = physics_tf.bounding_box(m)
+  n_in = _padded_size(size, margin, multiple)
+  n_out = n_in - 2 * margin
+  out_begin = begin - (n_out - size) // 2
+  in_begin = out_begin - margin
+  pad_lo = tf.maximum(-in_begin, 0)
+  pad_hi = tf.maximum(in_begin + n_in - shape, 0)
+  padded = tf.pad(field * m, tf.stack([pad_lo, pad_hi], axis=1))
+  return tf.slice(padded, in_begin + pad_lo, n_in), m, shape, out_begin, n_out
+
+
+def _place_output_tf(y, m, shape, out_begin, n_out):
+  """The region's output [n_out] put back into the volume, 0 outside the mask."""
+  lo = tf.maximum(out_begin, 0)
+  hi = tf.minimum(out_begin + n_out, shape)
+  y = tf.slice(y, lo - out_begin, hi - lo)
+  return tf.pad(y, tf.stack([lo, shape - hi], axis=1)) * m
+
+
+def _run_generator_tf(generator, x):
+  """``generator`` on one [X, Y, Z] input -> float32 [X-2c, Y-2c, Z-2c]."""
+  return tf.cast(generator(x[tf.newaxis, ..., tf.newaxis], training=False)[0, ..., 0],
+                 tf.float32)
+
+
+def _importance_map_tf(profiles, size):
+  """`importance_map` in the graph from its per-axis factors, each cropped centrally to
+  ``size[axis]`` voxels (a tile clipped to a small region is that axis's only tile, so the
+  crop only has to be positive). Three 1-D constants, not a tile-sized one, in the graph."""
+  parts = []
+  for axis, profile in enumerate(profiles):
+    full = len(profile)
+    parts.append(tf.slice(tf.constant(profile, tf.float32), [(full - size[axis]) // 2],
+                          [size[axis]]))
+  w = parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :]
+  return tf.maximum(w / tf.reduce_max(w), IMPORTANCE_FLOOR)
+
+
+def _tiles_tf(generator, x, n_out, margin: int, tile_out: int, step: int, mode: str,
+              sigma_scale: float):
+  """Overlapping tiles over a region input ``x`` [n_out + 2 margin] -> blended [n_out].
+
+  Tiles of ``tile_out`` output voxels (clipped to the region on small axes) start at
+  multiples of ``step`` from the region's start, the last one flush with its end; every start
+  is a multiple of the pooling size, so a tile sees the single pass's pooling grid.
+  """
+  profiles = _importance_profiles((tile_out,) * 3, mode, sigma_scale)
+  tile = tf.minimum(n_out, tile_out)
+  counts = _tile_count(n_out, tile, step)
+  weights = _importance_map_tf(profiles, tile)  # built once, outside the loop
+
+  def body(i, acc, wsum):
+    start = tf.minimum(tf.unravel_index(i, counts) * step, n_out - tile)
+    y = _run_generator_tf(generator, tf.slice(x, start, tile + 2 * margin))
+    # Padding each weighted tile to the region costs two region-sized adds per tile: small
+    # next to the tile's convolutions, and simpler than scatters.
+    pads = tf.stack([start, n_out - start - tile], axis=1)
+    return i + 1, acc + tf.pad(y * weights, pads), wsum + tf.pad(weights, pads)
+
+  zeros = tf.zeros(n_out, tf.float32)
+  # parallel_iterations=1: tiles do not depend on each other, and the executor would
+  # otherwise run several at once, multiplying the peak memory tiling exists to bound.
+  _, acc, wsum = tf.while_loop(lambda i, acc, wsum: i < tf.reduce_prod(counts), body,
+                               (tf.constant(0, tf.int32), zeros, zeros),
+                               parallel_iterations=1)
+  return acc / tf.maximum(wsum, 1e-12)
+
+
 def volume_pass_tf(generator, field_ppm, mask, margin: int, multiple: int):
   """One fully convolutional pass of ``generator`` over the mask's bounding box.
 
@@ -140,24 +323,86 @@ def volume_pass_tf(generator, field_ppm, mask, margin: int, multiple: int):
   Returns:
     chi_ppm float32 [X, Y, Z], 0 outside the mask.
   """
-  field = tf.convert_to_tensor(field_ppm, tf.float32)
-  m = tf.cast(tf.cast(tf.convert_to_tensor(mask), tf.float32) > 0.5, tf.float32)
-  shape = tf.shape(field)
-  begin, size = physics_tf.bounding_box(m)
-  n_in = (size + 2 * margin + multiple - 1) // multiple * multiple
-  n_out = n_in - 2 * margin
-  out_begin = begin - (n_out - size) // 2
-  in_begin = out_begin - margin
-  pad_lo = tf.maximum(-in_begin, 0)
-  pad_hi = tf.maximum(in_begin + n_in - shape, 0)
-  padded = tf.pad(field * m, tf.stack([pad_lo, pad_hi], axis=1))
-  x = tf.slice(padded, in_begin + pad_lo, n_in)
-  y = generator(x[tf.newaxis, ..., tf.newaxis], training=False)
-  y = tf.cast(y[0, ..., 0], tf.float32)
-  lo = tf.maximum(out_begin, 0)
-  hi = tf.minimum(out_begin + n_out, shape)
-  y = tf.slice(y, lo - out_begin, hi - lo)
-  return tf.pad(y, tf.stack([lo, shape - hi], axis=1)) * m
+  x, m, shape, out_begin, n_out = _network_region_tf(field_ppm, mask, margin, multiple)
+  return _place_output_tf(_run_generator_tf(generator, x), m, shape, out_begin, n_out)
+
+
+def volume_tiles_tf(generator, field_ppm, mask, margin: int, multiple: int, tile_out: int,
+                    step: int, mode: str = "gaussian",
+                    sigma_scale: float = DEFAULT_SIGMA_SCALE):
+  """`volume_pass_tf`'s output region covered by overlapping tiles, in one graph.
+
+  A `tf.while_loop` runs ``generator`` on one tile at a time (the tile count depends on the
+  input) and blends the tiles' outputs with `importance_map`'s weights: the bounded-memory
+  twin of the single pass, as `sliding_window` is on the client. Tiles read the single pass's
+  input and sit on its pooling grid, so a translation-equivariant network gives the single
+  pass's result away from tile borders.
+
+  Args:
+    generator, field_ppm, mask, margin, multiple: as in `volume_pass_tf`.
+    tile_out: output tile edge, voxels (Python int; ``tile_out + 2 * margin`` divisible by
+      ``multiple``).
+    step: distance between tile starts, voxels (Python int, a multiple of ``multiple``, at
+      most ``tile_out``).
+    mode: 'gaussian' or 'constant' blending.
+    sigma_scale: Gaussian sigma as a fraction of ``tile_out``.
+
+  Returns:
+    chi_ppm float32 [X, Y, Z], 0 outside the mask.
+
+  Raises:
+    InputError: a tile or step off the pooling grid (at trace time).
+  """
+  _check_tiles(margin, multiple, tile_out, step)
+  x, m, shape, out_begin, n_out = _network_region_tf(field_ppm, mask, margin, multiple)
+  y = _tiles_tf(generator, x, n_out, margin, tile_out, step, mode, sigma_scale)
+  return _place_output_tf(y, m, shape, out_begin, n_out)
+
+
+def network_volume_tf(generator, field_ppm, mask, margin: int, multiple: int,
+                      max_single_pass_voxels: int, tile_out: int, step: int):
+  """The network over a whole volume: `volume_pass_tf` when its input region has at most
+  ``max_single_pass_voxels`` voxels, else `volume_tiles_tf` (Gaussian blending); chosen in
+  the graph per input (`tf.cond`), so one signature serves any volume size.
+
+  Args:
+    generator, field_ppm, mask, margin, multiple: as in `volume_pass_tf`.
+    max_single_pass_voxels: largest input region (voxels, margins included) run in one pass.
+    tile_out, step: as in `volume_tiles_tf` (`tile_geometry` of the model's contract).
+
+  Returns:
+    chi_ppm float32 [X, Y, Z], 0 outside the mask.
+
+  Raises:
+    InputError: a tile or step off the pooling grid (at trace time).
+  """
+  _check_tiles(margin, multiple, tile_out, step)
+  x, m, shape, out_begin, n_out = _network_region_tf(field_ppm, mask, margin, multiple)
+  # int64: a large volume's voxel count overflows int32.
+  voxels = tf.reduce_prod(tf.cast(tf.shape(x), tf.int64))
+  y = tf.cond(voxels <= max_single_pass_voxels,
+              lambda: _run_generator_tf(generator, x),
+              lambda: _tiles_tf(generator, x, n_out, margin, tile_out, step, "gaussian",
+                                DEFAULT_SIGMA_SCALE))
+  return _place_output_tf(y, m, shape, out_begin, n_out)
+
+
+def _check_tiles(margin: int, multiple: int, tile_out: int, step: int) -> None:
+  if tile_out < 1 or (tile_out + 2 * margin) % multiple:
+    raise InputError(f"tile of {tile_out} output voxels: tile + 2 x crop margin {margin} must "
+                     f"be divisible by {multiple}")
+  if step < 1 or step % multiple or step > tile_out:
+    raise InputError(f"tile step {step} must be a positive multiple of {multiple}, at most "
+                     f"the tile ({tile_out})")
+
+
+def _network_args(contract: dict[str, Any]) -> dict[str, int]:
+  """`network_volume_tf`'s keyword arguments for a contract's model."""
+  geo = network_geometry(contract)
+  tiles = tile_geometry(contract)
+  return {"margin": geo["margin"], "multiple": geo["multiple"],
+          "max_single_pass_voxels": tiles["max_single_pass_voxels"],
+          "tile_out": tiles["tile_output_voxels"], "step": tiles["tile_step_voxels"]}
 
 
 def _volume_specs():
@@ -168,13 +413,13 @@ def _volume_specs():
 
 
 def make_network_volume_fn(generator, contract: dict[str, Any]):
-  """tf.function ``(field_ppm [X,Y,Z], mask [X,Y,Z]) -> {'chi_ppm'}``: the network alone."""
-  geo = network_geometry(contract)
+  """tf.function ``(field_ppm [X,Y,Z], mask [X,Y,Z]) -> {'chi_ppm'}``: the network alone
+  (`network_volume_tf`: one pass, or in-graph tiles beyond the contract's memory budget)."""
+  args = _network_args(contract)
 
   @tf.function(input_signature=_volume_specs()[:2])
   def network_volume(field_ppm, mask):
-    return {"chi_ppm": volume_pass_tf(generator, field_ppm, mask, geo["margin"],
-                                      geo["multiple"])}
+    return {"chi_ppm": network_volume_tf(generator, field_ppm, mask, **args)}
 
   return network_volume
 
@@ -184,21 +429,22 @@ def make_predict_volume_fn(generator, contract: dict[str, Any]):
 
   Args:
     generator: the Keras generator.
-    contract: the model contract (generator config; ``refine`` defaults).
+    contract: the model contract (generator config; ``refine`` and ``inference`` defaults).
 
   Returns:
     tf.function with inputs ``field_ppm [X,Y,Z]`` (ppm of B0), ``mask [X,Y,Z]`` (0/1),
     ``b0_dir [3]`` (voxel frame), ``voxel_size_mm [3]`` and outputs ``chi_ppm`` (refined),
-    ``chi_net_ppm`` (network alone), ``residual_before`` / ``residual_after`` (relative,
-    mask-demeaned field residuals of chi_net and chi). The field must already be on the
-    model's grid and orientation for the network part; the refinement uses ``b0_dir``.
+    ``chi_net_ppm`` (network alone: `network_volume_tf`), ``residual_before`` /
+    ``residual_after`` (relative, mask-demeaned field residuals of chi_net and chi). The
+    field must already be on the model's grid and orientation for the network part; the
+    refinement uses ``b0_dir``.
   """
-  geo = network_geometry(contract)
+  args = _network_args(contract)
   params = refine_lib.resolve_params(contract)
 
   @tf.function(input_signature=_volume_specs())
   def predict_volume(field_ppm, mask, b0_dir, voxel_size_mm):
-    chi_net = volume_pass_tf(generator, field_ppm, mask, geo["margin"], geo["multiple"])
+    chi_net = network_volume_tf(generator, field_ppm, mask, **args)
     chi = refine_lib.refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, **params)
     return {
         "chi_ppm": chi,
@@ -258,27 +504,36 @@ def _residual_tf_fn():
 # --------------------------------------------------------------------------------------
 # Sliding window (bounded memory)
 # --------------------------------------------------------------------------------------
+def _importance_profiles(roi_size: Sequence[int], mode: str,
+                         sigma_scale: float) -> list[np.ndarray]:
+  """The per-axis factors of `importance_map` (float64, not normalised)."""
+  if mode not in BLEND_MODES:
+    raise InputError(f"blend mode must be one of {', '.join(BLEND_MODES)}, got {mode!r}")
+  profiles = []
+  for n in (int(r) for r in roi_size):
+    x = np.arange(n) - (n - 1) / 2.0
+    sigma = max(sigma_scale * n, 1e-6)
+    profiles.append(np.ones(n) if mode == "constant" else np.exp(-0.5 * (x / sigma) ** 2))
+  return profiles
+
+
 def importance_map(roi_size: Sequence[int], mode: str = "gaussian",
                    sigma_scale: float = DEFAULT_SIGMA_SCALE) -> np.ndarray:
   """Blending weights of one output window: separable Gaussian (max 1) or constant 1.
 
-  The Gaussian's smallest weight is floored at 1e-3 of its peak (MONAI's guard against
-  dividing by ~0 where only window edges overlap).
+  The Gaussian's smallest weight is floored at `IMPORTANCE_FLOOR` of its peak (MONAI's guard
+  against dividing by ~0 where only window edges overlap). `volume_tiles_tf` builds the same
+  weights in the graph from the same factors.
   """
-  if mode not in BLEND_MODES:
-    raise InputError(f"blend mode must be one of {', '.join(BLEND_MODES)}, got {mode!r}")
-  roi_size = tuple(int(r) for r in roi_size)
-  if mode == "constant":
-    return np.ones(roi_size, np.float32)
-  w = np.ones((1, 1, 1), np.float64)
-  for axis, n in enumerate(roi_size):
-    sigma = max(sigma_scale * n, 1e-6)
-    x = np.arange(n) - (n - 1) / 2.0
-    view = [1, 1, 1]
-    view[axis] = n
-    w = w * np.exp(-0.5 * (x / sigma) ** 2).reshape(view)
-  w /= w.max()
-  return np.maximum(w, 1e-3).astype(np.float32)
+  px, py, pz = _importance_profiles(roi_size, mode, sigma_scale)
+  w = px[:, None, None] * py[None, :, None] * pz[None, None, :]
+  return np.maximum(w / w.max(), IMPORTANCE_FLOOR).astype(np.float32)
+
+
+def window_step(roi: int, overlap: float, multiple: int) -> int:
+  """Step between windows: ``roi * (1 - overlap)`` rounded down to a multiple of ``multiple``
+  (so windows stay on the pooling grid), at least ``multiple``, at most ``roi``."""
+  return min(max(multiple, int(roi * (1.0 - overlap)) // multiple * multiple), roi)
 
 
 def _window_layout(begin: int, size: int, roi: int, step: int, anchor: int, multiple: int):
@@ -298,7 +553,7 @@ def single_pass_region(mask: np.ndarray, margin: int, multiple: int):
   out = []
   for sl in box:
     size = sl.stop - sl.start
-    n_in = -(-(size + 2 * margin) // multiple) * multiple
+    n_in = _padded_size(size, margin, multiple)
     out.append(sl.start - (n_in - 2 * margin - size) // 2)
   return out
 
@@ -347,8 +602,7 @@ def sliding_window(field_ppm: np.ndarray, mask: np.ndarray,
   weights = importance_map((roi,) * 3, mode, sigma_scale)
   mask = np.asarray(mask) > 0.5
   field = np.where(mask, np.asarray(field_ppm, np.float32), np.float32(0.0))
-  step = max(multiple, int(roi * (1.0 - overlap)) // multiple * multiple)
-  step = min(step, roi)
+  step = window_step(roi, overlap, multiple)
   box = physics.bounding_box(mask)
   anchors = single_pass_region(mask, margin, multiple)
   starts = [_window_layout(sl.start, sl.stop - sl.start, roi, step, a, multiple)
@@ -814,6 +1068,18 @@ def _validate(field_ppm, mask, voxel_size_mm, b0_dir):
   return operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
 
 
+def _network_plan(backend: _Backend, mask: np.ndarray) -> dict[str, Any]:
+  """`network_pass_plan` for the back-end's model, logged when it tiles."""
+  if backend.kind != "keras" and "inference" not in backend.contract:
+    return {"pass": "single"}  # exported before in-graph tiling existed: always one pass
+  plan = network_pass_plan(mask, backend.contract)
+  if plan["pass"] == "tiles":
+    logging.info("the network's input (%d voxels) exceeds the model's single-pass budget: "
+                 "%d overlapping tiles of %d^3 output voxels in the graph",
+                 plan["input_voxels"], plan["tiles"], plan["tile_output_voxels"])
+  return plan
+
+
 def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
                        *, model=None, server: str | None = None, rest_url: str | None = None,
                        refine: str | None = "cg", inference: str = "single",
@@ -836,7 +1102,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     server: TF Serving gRPC ``host:port``.
     rest_url: TF Serving REST model URL (tiles only: JSON volumes are too big).
     refine: 'cg' (default), 'closed' (one-shot k-space) or 'none'/None.
-    inference: 'single' (one pass) or 'sliding_window' (bounded memory).
+    inference: 'single' (the model's graph: one pass, or overlapping tiles in the graph when
+      the volume exceeds the contract's memory budget, `network_volume_tf`) or
+      'sliding_window' (patches tiled on the client: the least memory).
     overlap, mode, sw_batch_size, roi_size, sigma_scale: sliding-window options (MONAI's
       names); roi_size defaults to the contract's output patch.
     threads: TF intra-op threads (before TF initialises only).
@@ -848,8 +1116,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
 
   Returns:
     ``(chi_ppm float32 [X, Y, Z] zero outside the mask, info)``; info holds the model and its
-    version, geometry steps (resampling, rotation), the inference mode and windows, the
-    refinement and its parameters, the relative field residual before and after, timings.
+    version, geometry steps (resampling, rotation), the inference mode and windows (or
+    ``network_pass``: single pass or in-graph tiles, `network_pass_plan`), the refinement
+    and its parameters, the relative field residual before and after, timings.
 
   Raises:
     InputError: bad inputs or options, or no model.
@@ -910,6 +1179,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                    and params == refine_lib.resolve_params(contract))
     outputs = None
     if whole_graph:
+      info["network_pass"] = _network_plan(backend, mask)
       outputs = backend.predict_volume(field, mask.astype(np.float32), b0.astype(np.float32),
                                        np.asarray(voxel, np.float32))
     if outputs is not None:
@@ -921,6 +1191,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     else:
       field_m, mask_m = frame.forward(field)
       if inference == "single":
+        info["network_pass"] = _network_plan(backend, mask_m)
         chi_m = backend.network_volume(field_m, mask_m)
       else:
         chi_m, info["sliding_window"] = sliding_window(

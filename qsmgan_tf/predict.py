@@ -72,7 +72,9 @@ _REFINE = flags.DEFINE_enum(
     "qsmgan: refine the network output against the measured field (cg) or not.")
 _INFERENCE = flags.DEFINE_enum(
     "inference", "single", ["single", "tiled"],
-    "qsmgan: one fully convolutional pass, or overlapping tiles (low memory).")
+    "qsmgan: single = the model's graph (one fully convolutional pass; overlapping tiles in "
+    "the graph when the volume exceeds the model's memory budget); tiled = overlapping "
+    "patches on the client (least memory).")
 _OVERLAP = flags.DEFINE_float("overlap", 0.25, "qsmgan tiled: tile overlap fraction.",
                               lower_bound=0.0, upper_bound=0.95)
 _MODE = flags.DEFINE_enum("mode", "gaussian", ["gaussian", "constant"],

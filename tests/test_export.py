@@ -119,6 +119,38 @@ def test_predict_volume_equals_inference_local_path(exported, loaded):
   np.testing.assert_allclose(refined["chi_ppm"].numpy(), served["chi_ppm"].numpy(), atol=1e-5)
 
 
+def test_predict_volume_tiles_in_graph_with_a_small_budget(exported, tmp_path):
+  """A contract whose budget no volume fits: the served network pass is the in-graph tiles
+  (== `volume_tiles_tf`, != the single pass), shapes unchanged, and the contract says so."""
+  _, generator, contract = exported
+  budget = {"max_single_pass_voxels": 1, "tile_output_voxels": 16, "tile_overlap": 0.25}
+  path = export.export_generator(generator, dict(contract, inference=budget), tmp_path / "q")
+  model, served_contract = export.load(path)
+  assert served_contract["inference"] == budget
+  shape = (29, 34, 23)  # odd: the mask's box is no multiple of the tile or its step
+  idx = np.indices(shape)
+  mask = ((((idx - np.reshape([14.0, 16.5, 11.0], (3, 1, 1, 1))) / [[[[12.0]]], [[[15.0]]],
+                                                                     [[[10.0]]]]) ** 2).sum(0)
+          < 1).astype(np.float32)
+  field = (np.random.default_rng(3).normal(size=shape) * 0.02 * mask).astype(np.float32)
+  served = model.signatures["predict_volume"](field_ppm=field, mask=mask,
+                                              b0_dir=np.float32([0, 0, 1]),
+                                              voxel_size_mm=np.float32([1, 1, 1]))
+  assert {k: tuple(v.shape) for k, v in served.items()} == {
+      "chi_ppm": shape, "chi_net_ppm": shape, "residual_before": (), "residual_after": ()}
+  chi_net = served["chi_net_ppm"].numpy()
+  inside = mask > 0
+  assert not chi_net[~inside].any() and (chi_net[inside] != 0).all()  # no holes
+  tiles = inference.volume_tiles_tf(generator, field, mask, 4, 4, 16, 12).numpy()
+  single = inference.volume_pass_tf(generator, field, mask, 4, 4).numpy()
+  scale = np.abs(single).max()
+  np.testing.assert_allclose(chi_net, tiles, atol=1e-5 * scale)
+  assert np.abs(chi_net - single).max() > 1e-3 * scale  # it did tile
+  assert np.corrcoef(chi_net[inside], single[inside])[0, 1] >= 0.995
+  network = model.signatures["network_volume"](field_ppm=field, mask=mask)["chi_ppm"].numpy()
+  np.testing.assert_allclose(network, chi_net, atol=1e-6 * scale)
+
+
 def test_weights_are_stored_once(exported):
   path, generator, _ = exported
   stored = tf.train.list_variables(str(path / "variables" / "variables"))
@@ -134,6 +166,7 @@ def test_contract_travels_in_assets_and_signature(exported, loaded):
   for key, value in contract.items():
     assert served[key] == value, key
   assert served["refine"] == {"mu": 0.003, "iterations": 15, "margin": 12}
+  assert served["inference"] == inference.TILING_DEFAULTS  # training wrote none: defaults
   assert served["export"]["version"] == 1
   assert served["export"]["source"] == "generator_best.keras"
   assert served["export"]["signatures"] == ["serving_default", "predict_volume",
@@ -154,7 +187,7 @@ def test_contract_visible_in_saved_model_cli(exported):
   assert "shape: (-1, 24, 24, 24, 1)" in text and "shape: (-1, 16, 16, 16, 1)" in text
   contract_section = text[text.index("Function Name: 'contract'"):]
   for needle in (_MANIFEST_SHA, "'input_patch': 24", "'output_patch': 16", "dipole_convention",
-                 "'mu': 0.003", "voxel_sizes_mm"):
+                 "'mu': 0.003", "voxel_sizes_mm", "'max_single_pass_voxels': 23000000"):
     assert needle in contract_section, needle
 
 

@@ -98,6 +98,109 @@ def test_predict_volume_fn_outputs(tiny):
 
 
 # --------------------------------------------------------------------------------------
+# In-graph tiles (predict_volume beyond the memory budget)
+# --------------------------------------------------------------------------------------
+def _tiny_budget(tile_out=16, overlap=0.25):
+  """A contract whose budget (one voxel) forces in-graph tiles on any volume."""
+  return dict(_CONTRACT, inference={"max_single_pass_voxels": 1, "tile_output_voxels": tile_out,
+                                    "tile_overlap": overlap})
+
+
+@pytest.mark.parametrize("shape,offset,tile,step", [
+    ((33, 27, 21), (0.4, -0.3, 0), 8, 4),   # odd sizes, mask touching the edges, overlap 1/2
+    ((33, 27, 21), (0.4, -0.3, 0), 12, 8),  # box not a multiple of tile or step
+    ((36, 40, 30), (0, 0, 0), 16, 16),      # no overlap: tiles abut; last one flush
+    ((36, 40, 18), (0, 0, 0), 40, 28),      # tile larger than the region on some axes
+])
+def test_volume_tiles_cover_the_mask_without_holes(shape, offset, tile, step):
+  """An identity network: any uncovered voxel would be 0, any misplaced tile wrong."""
+  _, field, mask = _phantom(shape, offset=offset)
+  assert (field[mask] != 0).all()
+  out = inference.volume_tiles_tf(_identity_generator(4), field, mask.astype(np.float32), 4, 4,
+                                  tile, step).numpy()
+  # acc / wsum of the same weights: exact up to float32 division.
+  np.testing.assert_allclose(out, field * mask, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("tile,step,mode", [
+    (8, 4, "gaussian"),
+    (16, 12, "gaussian"),
+    (12, 8, "constant"),
+])
+def test_volume_tiles_equal_single_pass_for_a_local_network(tile, step, mode):
+  _, field, mask = _phantom((33, 27, 30), offset=(0.3, 0, -0.2))
+  generator = _local_generator(4)
+  single = inference.volume_pass_tf(generator, field, mask.astype(np.float32), 4, 4).numpy()
+  tiled = inference.volume_tiles_tf(generator, field, mask.astype(np.float32), 4, 4, tile, step,
+                                    mode=mode).numpy()
+  np.testing.assert_allclose(tiled, single, atol=1e-5 * np.abs(single).max())
+
+
+def test_network_volume_fn_tiles_beyond_the_budget(tiny):
+  """Forced tiling of test_tiny: close to the single pass (only tile borders differ), equal
+  to `volume_tiles_tf`, one trace for several shapes; the default budget keeps one pass."""
+  fn = inference.make_network_volume_fn(tiny, _tiny_budget())
+  for shape in [(36, 40, 30), (25, 31, 22)]:
+    _, field, mask = _phantom(shape)
+    m = mask.astype(np.float32)
+    single = inference.volume_pass_tf(tiny, field, m, 4, 4).numpy()
+    tiled = fn(field, m)["chi_ppm"].numpy()
+    plan = inference.network_pass_plan(mask, _tiny_budget())
+    assert plan["pass"] == "tiles" and plan["tiles"] > 1
+    assert tiled.shape == shape and not tiled[~mask].any() and (tiled[mask] != 0).all()
+    assert _corr(tiled, single, mask) >= 0.995
+    assert np.abs(tiled - single).max() > 1e-3 * np.abs(single).max()  # it did tile
+    np.testing.assert_allclose(
+        tiled, inference.volume_tiles_tf(tiny, field, m, 4, 4, 16, 12).numpy(),
+        atol=1e-6 * np.abs(single).max())
+  assert len(fn._list_all_concrete_functions()) == 1  # pylint: disable=protected-access
+  default = inference.make_network_volume_fn(tiny, _CONTRACT)(field, m)["chi_ppm"].numpy()
+  np.testing.assert_allclose(default, single, atol=1e-6 * np.abs(single).max())
+  assert inference.network_pass_plan(mask, _CONTRACT)["pass"] == "single"
+
+
+def test_predict_volume_fn_with_tiles(tiny):
+  _, field, mask = _phantom((30, 34, 28))
+  args = (field, mask.astype(np.float32), np.float32([0, 0, 1]), np.float32([1, 1, 1]))
+  tiled = inference.make_predict_volume_fn(tiny, _tiny_budget())(*args)
+  single = inference.make_predict_volume_fn(tiny, _CONTRACT)(*args)
+  assert {k: v.shape for k, v in tiled.items()} == {k: v.shape for k, v in single.items()}
+  assert _corr(tiled["chi_net_ppm"].numpy(), single["chi_net_ppm"].numpy(), mask) >= 0.995
+  assert float(tiled["residual_after"]) < float(tiled["residual_before"])
+
+
+def test_tiling_params_from_the_contract():
+  # Contracts written before the key existed: the defaults.
+  assert inference.tiling_params(_CONTRACT) == inference.TILING_DEFAULTS
+  # The paper preset's default tile sits on its 16-voxel grid; ~12 GB budget keeps a
+  # 256x256x160 field of view whole.
+  paper = {"generator": networks.PRESETS["paper"].to_dict()}
+  assert inference.tile_geometry(paper) == {"max_single_pass_voxels": 23_000_000,
+                                            "tile_output_voxels": 176, "tile_step_voxels": 128}
+  for shape, expected in (((256, 256, 160), "single"), ((320, 320, 224), "tiles")):
+    corners = np.zeros(shape, bool)  # a bounding box filling the volume, cheaply
+    corners[0, 0, 0] = corners[-1, -1, -1] = True
+    assert inference.network_pass_plan(corners, paper)["pass"] == expected
+  # A tile off the pooling grid is rounded down onto it (15 + 2 x 4 -> 20 - 8 = 12).
+  partial = dict(_CONTRACT, inference={"tile_output_voxels": 15})
+  assert inference.tile_geometry(partial)["tile_output_voxels"] == 12
+  assert inference.tiling_params(partial)["max_single_pass_voxels"] == 23_000_000
+  with pytest.raises(InputError, match="tile_overlap"):
+    inference.tiling_params(dict(_CONTRACT, inference={"tile_overlap": 1.0}))
+  with pytest.raises(InputError, match="divisible"):
+    inference.volume_tiles_tf(_identity_generator(4), np.ones((8, 8, 8), np.float32),
+                              np.ones((8, 8, 8), np.float32), 4, 4, 10, 4)
+
+
+def test_importance_map_in_the_graph_equals_numpy():
+  for mode in inference.BLEND_MODES:
+    # pylint: disable=protected-access
+    profiles = inference._importance_profiles((16, 12, 8), mode, 0.125)
+    w = inference._importance_map_tf(profiles, [16, 12, 8]).numpy()
+    np.testing.assert_allclose(w, inference.importance_map((16, 12, 8), mode), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
 # Sliding window
 # --------------------------------------------------------------------------------------
 def test_importance_map():
@@ -270,6 +373,16 @@ def test_reconstruct_options(tiny, options):
     assert info["residual_after"] < info["residual_before"]
   if options.get("inference") == "sliding_window":
     assert info["sliding_window"]["windows"] > 1
+
+
+def test_reconstruct_single_tiles_in_graph_beyond_the_budget(tiny):
+  _, field, mask = _phantom()
+  want, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT))
+  assert info["network_pass"]["pass"] == "single"
+  got, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, _tiny_budget()))
+  assert info["inference"] == "single" and info["refine"]["in_graph"]
+  assert info["network_pass"]["pass"] == "tiles" and info["network_pass"]["tiles"] > 1
+  assert not got[~mask].any() and _corr(got, want, mask) >= 0.995
 
 
 def test_contract_without_voxel_size_is_not_resampled(tiny):
