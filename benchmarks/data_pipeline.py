@@ -1,7 +1,8 @@
 r"""Data pipeline benchmark: simulation, patch encoding, Beam writing, tf.data reading.
 
   python benchmarks/data_pipeline.py                 # real shapes: 64^3/48^3 float16, ~5 min
-  python benchmarks/data_pipeline.py --brains=1 --shapes=1 --runs=multi_processing:reshard
+  python benchmarks/data_pipeline.py --brains=1 --shapes=1 \
+      --runs=multi_processing:fileio,multi_processing:reshard
 
 One JSON line per measurement (``name`` says which):
   simulate_*       subjects/s of `data_prep.simulate.simulate_subject` at the phantom's
@@ -10,8 +11,10 @@ One JSON line per measurement (``name`` says which):
                    CRC-32C (crcmod; which implementation) and SHA-256 cost of one pair;
   beam_write_*     pairs/s of the whole Beam pipeline (2 DirectRunner workers) from subjects on
                    disk (loading, patches, encoding, TFRecord sink, sharding, manifest scan),
-                   per running mode and sharding ('reshard' default, 'beam' = GroupByKey), with
-                   the peak RSS so far and the machine's load (other jobs share the cores);
+                   per running mode and sharding ('fileio' default = planned shards written
+                   by Beam's file sink, 'reshard' = the same shards copied by our own stage,
+                   'beam' = GroupByKey), with the peak RSS so far and the machine's load
+                   (other jobs share the cores; compare runs of one invocation);
                    ``beam_end_to_end`` has the simulation inside the pipeline;
   verify_*         start-up check levels of the reader and of ``python -m data_prep.verify``;
   read_*           pairs/s out of `qsmgan_tf.data.make_dataset` (one pass, and the training
@@ -39,8 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BRAINS = flags.DEFINE_integer("brains", 2, "Brains (natural grid) in the Beam runs.")
 _SHAPES = flags.DEFINE_integer("shapes", 2, "Shape phantoms (natural grid) in the Beam runs.")
 _RUNS = flags.DEFINE_list(
-    "runs", ["multi_processing:reshard", "multi_threading:reshard", "multi_processing:beam"],
-    "Beam write runs to compare, as DirectRunner running mode:sharding.")
+    "runs", ["multi_processing:fileio", "multi_processing:reshard", "multi_threading:reshard",
+             "multi_processing:beam"],
+    "Beam write runs to compare, as DirectRunner running mode:sharding (repeats allowed).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "DirectRunner workers.")
 _ENCODE_PAIRS = flags.DEFINE_integer("encode_pairs", 300, "Pairs timed in the encode stage.")
 _READ_PAIRS = flags.DEFINE_integer("read_pairs", 2000, "Pairs read in the training config.")
@@ -119,9 +123,9 @@ def measure_beam(subjects_dir, work):
   from qsmgan_tf import records  # pylint: disable=import-outside-toplevel
   cfg = patches.PatchConfig(augment=True)
   last = None
-  for run in _RUNS.value:
+  for index, run in enumerate(_RUNS.value):  # a run may repeat: alternate runs to compare
     mode, sharding = run.split(":")
-    out = os.path.join(work, f"ds_{mode}_{sharding}")
+    out = os.path.join(work, f"ds{index}_{mode}_{sharding}")
     specs = pipeline.real_specs(subjects_dir, 0, 0.2, "chi")
     peak_before = max(_children_peak_mib(), _self_peak_mib())
     t0 = time.perf_counter()
@@ -155,7 +159,8 @@ def measure_beam(subjects_dir, work):
           pipeline.beam_args("DirectRunner", _WORKERS.value, "multi_processing"))))
   seconds = time.perf_counter() - t0
   n = sum(e["num_examples"] for e in manifest["splits"].values())
-  _emit("beam_end_to_end", mode="multi_processing", sharding="reshard", workers=_WORKERS.value, subjects=len(specs),
+  _emit("beam_end_to_end", mode="multi_processing", sharding=pipeline.WriteOptions.sharding,
+        workers=_WORKERS.value, subjects=len(specs),
         pairs=n, seconds=round(seconds, 1), pairs_per_s=round(n / seconds, 1),
         subjects_per_s=round(len(specs) / seconds, 3))
   shutil.rmtree(out)

@@ -70,10 +70,13 @@ _SHARDS = flags.DEFINE_integer("shards", 16, "Training shards (>= the number of 
                                "workers).")
 _VAL_SHARDS = flags.DEFINE_integer("val_shards", 2, "Validation shards.")
 _SHARDING = flags.DEFINE_enum(
-    "sharding", "reshard", ["reshard", "beam"],
-    "'reshard': Beam's sink writes per-bundle files, then records are dealt into --shards "
-    "shards in a seeded order (fast, little memory, byte-identical reruns). 'beam': "
-    "WriteToTFRecord(num_shards) directly (a GroupByKey of every example).")
+    "sharding", "fileio", ["fileio", "reshard", "beam"],
+    "How examples reach the --shards shards. 'fileio': Beam's TFRecord sink writes per-bundle "
+    "files, records are dealt into shards in a seeded order, and Beam's file sink "
+    "(fileio.WriteToFiles, one destination per shard) writes the shards (little memory, "
+    "byte-identical reruns). 'reshard': the same, but the shards are copied by our own stage "
+    "(identical bytes). 'beam': WriteToTFRecord(num_shards) directly (a GroupByKey of every "
+    "example: memory grows with the dataset; for cluster runners).")
 _RUNNER = flags.DEFINE_string("runner", "DirectRunner", "Beam runner.")
 _NUM_WORKERS = flags.DEFINE_integer("direct_num_workers", 2, "DirectRunner workers (0 = cores).")
 _RUNNING_MODE = flags.DEFINE_enum("direct_running_mode", "multi_processing",

@@ -30,10 +30,10 @@ def _run_binary(*args, cwd=None):
                         capture_output=True, text=True, env=env, cwd=cwd or _ROOT, timeout=300)
 
 
-def _in_process(out_dir, seed, sharding="reshard"):
+def _in_process(out_dir, seed, sharding=pipeline.WriteOptions.sharding, val_shards=1):
   specs = pipeline.synthetic_specs(0, 4, seed, **_SPEC_ARGS)
   return pipeline.make_dataset(specs, _CONFIG, out_dir, pipeline.WriteOptions(
-      train_shards=3, val_shards=1, sharding=sharding, seed=seed))
+      train_shards=3, val_shards=val_shards, sharding=sharding, seed=seed))
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,12 @@ def datasets(tmp_path_factory):
                      "--direct_running_mode=multi_processing", *_BINARY_ARGS, cwd=root)
   assert proc.returncode == 0, proc.stderr[-3000:]
   same_seed = _in_process(root / "b", seed=1)
-  other_seed = _in_process(root / "c", seed=2)
+  # More validation shards than validation pairs: some shards are empty.
+  other_seed = _in_process(root / "c", seed=2, val_shards=64)
   beam_sharded = _in_process(root / "d", seed=1, sharding="beam")
-  return root, records.load_manifest(root / "a"), same_seed, other_seed, beam_sharded
+  resharded = _in_process(root / "e", seed=1, sharding="reshard")
+  return (root, records.load_manifest(root / "a"), same_seed, other_seed, beam_sharded,
+          resharded)
 
 
 def test_binary_writes_a_whole_dataset(datasets):
@@ -93,20 +96,40 @@ def test_split_is_by_subject(datasets):
 
 
 def test_same_seed_same_examples_other_seed_other_examples(datasets):
-  root, manifest, same_seed, other_seed, beam_sharded = datasets
+  root, manifest, same_seed, other_seed, beam_sharded, resharded = datasets
   # Same flags and seed, another runner mode (2 processes vs in-process): same example set...
   assert same_seed["example_digest"] == manifest["example_digest"]
   for split in ("train", "val"):
     assert same_seed["splits"][split]["example_digest"] == manifest["splits"][split]["example_digest"]
-    # ...and, with the default re-sharding, byte-identical shards.
-    assert [s["sha256"] for s in same_seed["splits"][split]["shards"]] == [
-        s["sha256"] for s in manifest["splits"][split]["shards"]]
+    # ...and, with the default sharding (planned shards written by Beam's file sink),
+    # byte-identical shards; our own copy stage ('reshard') writes the very same bytes.
+    for other in (same_seed, resharded):
+      assert [s["sha256"] for s in other["splits"][split]["shards"]] == [
+          s["sha256"] for s in manifest["splits"][split]["shards"]]
   assert other_seed["example_digest"] != manifest["example_digest"]
   # Beam's own sharding (a GroupByKey) deals examples differently, but the set is the same.
   assert beam_sharded["example_digest"] == manifest["example_digest"]
   assert sorted(os.listdir(root / "d")) == sorted(os.listdir(root / "a"))
   for split in ("train", "val"):
     records.check_split(root / "d", beam_sharded, split, "full")
+
+
+def test_more_shards_than_examples_still_writes_every_shard(datasets):
+  root, _, _, other_seed, *_ = datasets
+  shards = other_seed["splits"]["val"]["shards"]
+  assert [s["name"] for s in shards] == [f"val-{i:05d}-of-00064.tfrecord" for i in range(64)]
+  assert 0 < sum(s["num_records"] == 0 for s in shards) < 64
+  assert sorted(os.listdir(root / "c")) == sorted(
+      ["manifest.json"] + [s["name"] for e in other_seed["splits"].values() for s in e["shards"]])
+  records.check_split(root / "c", other_seed, "val", "full")
+
+
+def test_a_shard_split_over_several_files_is_refused():
+  # Beam's file sink names the files of a destination; a shard must be exactly one file.
+  name = "train-00000-of-00003.tfrecord"
+  assert pipeline._shard_file_name(None, None, 0, 1, "", name) == name
+  with pytest.raises(RuntimeError, match="2 files for train-00000-of-00003"):
+    pipeline._shard_file_name(None, None, 1, 2, "", name)
 
 
 def test_manifest_round_trip(tmp_path, datasets):
