@@ -490,8 +490,8 @@ _LOCAL_SPECS = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [
 @functools.cache
 def _refine_tf_fn():
   """`refine_lib.refine_tf` traced once, its parameters as tensors (no retrace per value)."""
-  scalars = [tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32),
-             tf.TensorSpec([], tf.int32)]
+  scalars = [tf.TensorSpec([], tf.float32 if isinstance(v, float) else tf.int32)
+             for v in refine_lib.DEFAULTS.values()]
   return tf.function(refine_lib.refine_tf, input_signature=_LOCAL_SPECS + scalars)
 
 
@@ -1203,8 +1203,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       t1 = time.perf_counter()
       if method == "cg":
         chi = _refine_tf_fn()(chi_net, field, mask.astype(np.float32), b0.astype(np.float32),
-                              np.asarray(voxel, np.float32), np.float32(params["mu"]),
-                              np.int32(params["iterations"]), np.int32(params["margin"])).numpy()
+                              np.asarray(voxel, np.float32),
+                              **{k: np.asarray(v, np.float32 if isinstance(v, float) else
+                                               np.int32) for k, v in params.items()}).numpy()
         info["refine"] = {"method": "cg", **params, "in_graph": False}
       elif method == "closed":
         lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)

@@ -2,14 +2,26 @@
 
 Solves, started at the network output ``chi_net``::
 
-    min_chi  ||M (D chi - field)||^2 + mu ||chi - chi_net||^2,    chi = 0 outside M,
+    min_chi  ||M (D chi - field)||^2 + mu ||chi - chi_net||^2
+             + tv_weight ||M_G grad chi||_1,                      chi = 0 outside M,
 
 by a few conjugate-gradient iterations on the normal equations
-``(A^T A + mu I) chi = A^T field + mu chi_net`` with ``A = M F^-1 D F M`` (M the mask, D the
-dipole kernel of `physics`). Both terms are quadratic in ppm, so ``mu`` does not depend on the
+``(A^T A + mu I + tv_weight G^T V G) chi = A^T field + mu chi_net`` with
+``A = M F^-1 D F M`` (M the mask, D the dipole kernel of `physics`, G the periodic forward
+gradient). With ``tv_weight = 0`` (the library default) the problem is quadratic and one CG run
+of ``iterations`` steps solves it; both terms are in ppm, so ``mu`` does not depend on the
 units as long as field and chi share them (a ×10 normalisation leaves it unchanged).
 Early stopping (few iterations) is part of the regulariser: the network supplies the
 ill-posed cone, the field the well-posed rest.
+
+The L1 term is MEDI's morphology prior (Liu et al. 2011) with the NETWORK's map as the
+anatomy: ``M_G`` is 0 on the ``edge_fraction`` strongest gradient components of ``chi_net``
+inside the mask (its edges are left free) and 1 elsewhere, where piecewise smoothness is
+asked for. It is solved like the MEDI toolbox does, by lagged diffusivity: ``reweights``
+outer steps, each freezing ``V = M_G / sqrt(|M_G grad chi|^2 + tv_eps)`` (tv_eps in
+ppm^2/mm^2) and running ``iterations`` CG steps from the current chi. It needs no magnitude
+image, so the SavedModel's ``predict_volume`` signature (field, mask, B0, voxel size) can run
+it. Its parameters are chosen on validation phantoms and recorded in the model's contract.
 
 Speed: the solve runs on the mask's bounding box padded by ``margin`` voxels a side to a fast
 FFT size, not on a 2x grid (chi is zero outside the mask, so the periodic images of the
@@ -35,9 +47,12 @@ import numpy as np
 from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
 
-DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN}
-"""Refinement defaults (recorded in the model contract as ``contract['refine']``), chosen on
-simulated validation phantoms by ``python benchmarks/inference.py --study=refine`` (BUILD.md)."""
+DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
+            "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4}
+"""Refinement defaults of the library (a model's contract overrides them as
+``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
+phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
+(BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior."""
 
 CLOSED_FORM_DEFAULTS = {"lam": 0.01, "margin": operators.DEFAULT_MARGIN}
 """Closed-form k-space variant: Tikhonov weight towards chi_net, padding margin (voxels)."""
@@ -86,6 +101,19 @@ def _check_inputs(chi_net, field_ppm, mask):
   return chi_net, field_ppm, mask
 
 
+def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Sequence[float],
+                 edge_fraction: float) -> np.ndarray:
+  """M_G float32 [3, ...]: 0 on the ``edge_fraction`` largest |gradient| components of
+  ``chi_grid`` inside the mask (NumPy's linear quantile), 1 elsewhere."""
+  g = np.abs(operators.gradient(np.where(mask_grid, chi_grid, 0.0).astype(np.float32),
+                                voxel_size_mm))
+  inside = np.broadcast_to(mask_grid, g.shape)
+  if edge_fraction <= 0:
+    return np.ones_like(g)
+  thr = np.quantile(g[inside], 1.0 - edge_fraction)
+  return (g <= thr).astype(np.float32)
+
+
 def _masked_operator(grid: operators.Grid):
   """``A x = M D (M x)`` on the grid: the in-mask field of an in-mask source (A = A^T)."""
   m = grid.mask.astype(np.float32)
@@ -97,7 +125,10 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
               b0_dir: Sequence[float] = (0.0, 0.0, 1.0), mu: float = DEFAULTS["mu"],
               iterations: int = DEFAULTS["iterations"],
-              margin: int = DEFAULTS["margin"]) -> np.ndarray:
+              margin: int = DEFAULTS["margin"], tv_weight: float = DEFAULTS["tv_weight"],
+              edge_fraction: float = DEFAULTS["edge_fraction"],
+              reweights: int = DEFAULTS["reweights"],
+              tv_eps: float = DEFAULTS["tv_eps"]) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
   Args:
@@ -110,6 +141,10 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     iterations: CG iterations (0 returns the masked chi_net).
     margin: zero margin around the mask's bounding box, voxels, before rounding up to a fast
       FFT size.
+    tv_weight: weight of the L1 edge prior ``||M_G grad chi||_1`` (0 = quadratic solve).
+    edge_fraction: share of chi_net's in-mask gradient components left free as edges.
+    reweights: lagged-diffusivity steps (each runs ``iterations`` CG steps); 1 if tv_weight 0.
+    tv_eps: smoothing of the L1 term, ppm^2/mm^2.
 
   Returns:
     chi_ppm float32 [X, Y, Z], 0 outside the mask.
@@ -120,24 +155,43 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   chi_net, field_ppm, mask = _check_inputs(chi_net, field_ppm, mask)
   grid = operators.Grid(mask, voxel_size_mm, physics.unit_vector(b0_dir), margin)
   apply = _masked_operator(grid)
+  m = grid.mask.astype(np.float32)
+  vs = grid.voxel_size_mm
   x0 = (grid.to_grid(chi_net) * grid.mask).astype(np.float64)
   f = (grid.to_grid(field_ppm) * grid.mask).astype(np.float32)
-  # Normal equations for delta = chi - chi_net, started at 0 (the prior term vanishes there).
-  r = apply(f - apply(x0)).astype(np.float64)
-  delta = np.zeros_like(x0)
-  p = r.copy()
-  rs = float(np.vdot(r, r))
-  for _ in range(int(iterations)):
-    if rs <= 0.0:
-      break
-    ap = apply(apply(p)).astype(np.float64) + mu * p
-    alpha = rs / float(np.vdot(p, ap))
-    delta += alpha * p
-    r -= alpha * ap
-    rs_new = float(np.vdot(r, r))
-    p = r + (rs_new / rs) * p
-    rs = rs_new
-  return grid.from_grid((x0 + delta).astype(np.float32), mask)
+  rhs = apply(f).astype(np.float64) + mu * x0
+  use_tv = tv_weight > 0
+  edges = edge_weights(x0.astype(np.float32), grid.mask, vs, edge_fraction) if use_tv else None
+  x = x0.copy()
+  for _ in range(int(reweights) if use_tv else 1):
+    if use_tv:
+      gx = edges * operators.gradient(x.astype(np.float32), vs)
+      v = edges / np.sqrt(gx * gx + np.float32(tv_eps))
+
+    def normal(y, v=v if use_tv else None):
+      out = apply(apply(y)).astype(np.float64) + mu * y
+      if v is not None:
+        yy = (m * y).astype(np.float32)
+        out += tv_weight * (m * -operators.divergence(v * operators.gradient(yy, vs), vs))
+      return out
+
+    # CG for the step delta (started at 0): normal(x + delta) = rhs.
+    r = rhs - normal(x)
+    delta = np.zeros_like(x)
+    p = r.copy()
+    rs = float(np.vdot(r, r))
+    for _ in range(int(iterations)):
+      if rs <= 0.0:
+        break
+      ap = normal(p)
+      alpha = rs / float(np.vdot(p, ap))
+      delta += alpha * p
+      r -= alpha * ap
+      rs_new = float(np.vdot(r, r))
+      p = r + (rs_new / rs) * p
+      rs = rs_new
+    x = x + delta
+  return grid.from_grid(x.astype(np.float32), mask)
 
 
 def refine_closed_form(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
@@ -222,8 +276,40 @@ def _tf_crop_box(mask):
   return m, begin, size
 
 
+def _gradient_tf(x, voxel_size_mm):
+  """`operators.gradient` in TensorFlow: periodic forward differences per mm, [3, *x.shape]."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  inv = 1.0 / tf.cast(voxel_size_mm, tf.float32)
+  return tf.stack([(tf.roll(x, -1, axis) - x) * inv[axis] for axis in range(3)])
+
+
+def _divergence_tf(g, voxel_size_mm):
+  """`operators.divergence` in TensorFlow: ``-gradient^T`` (periodic backward differences)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  inv = 1.0 / tf.cast(voxel_size_mm, tf.float32)
+  return tf.add_n([(g[axis] - tf.roll(g[axis], 1, axis)) * inv[axis] for axis in range(3)])
+
+
+def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction):
+  """`edge_weights` in TensorFlow (the same linear quantile, computed in float64)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  g = tf.abs(_gradient_tf(x * m, voxel_size_mm))
+  inside = tf.broadcast_to(m > 0.5, tf.shape(g))
+  values = tf.sort(tf.boolean_mask(g, inside))
+  n = tf.size(values)
+  h = tf.cast(n - 1, tf.float64) * (1.0 - tf.cast(edge_fraction, tf.float64))
+  lo = tf.cast(tf.floor(h), tf.int32)
+  hi = tf.minimum(lo + 1, n - 1)
+  v_lo, v_hi = tf.cast(values[lo], tf.float64), tf.cast(values[hi], tf.float64)
+  thr = tf.cast(v_lo + (h - tf.floor(h)) * (v_hi - v_lo), tf.float32)
+  edges = tf.cast(g <= thr, tf.float32)
+  return tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
+
+
 def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"],
-              iterations=DEFAULTS["iterations"], margin=DEFAULTS["margin"]):
+              iterations=DEFAULTS["iterations"], margin=DEFAULTS["margin"],
+              tv_weight=DEFAULTS["tv_weight"], edge_fraction=DEFAULTS["edge_fraction"],
+              reweights=DEFAULTS["reweights"], tv_eps=DEFAULTS["tv_eps"]):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -235,8 +321,10 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     b0_dir: TRUE B0 direction in this grid's voxel frame, float [3].
     voxel_size_mm: voxel size, mm, float [3].
     mu: prior weight (scalar, Python or tensor).
-    iterations: CG iterations (scalar, Python or tensor).
+    iterations: CG iterations per (re)weighting step (scalar, Python or tensor).
     margin: zero margin around the mask's bounding box, voxels (scalar).
+    tv_weight, edge_fraction, reweights, tv_eps: the L1 edge prior (module docstring);
+      scalars, Python or tensors; ``tv_weight`` 0 gives the quadratic solve.
 
   Returns:
     chi_ppm float32 [X, Y, Z], 0 outside the mask.
@@ -249,6 +337,11 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   m_full, begin, size = _tf_crop_box(mask)
   mu = tf.cast(mu, tf.float32)
   iterations = tf.cast(iterations, tf.int32)
+  tv_weight = tf.cast(tv_weight, tf.float32)
+  tv_eps = tf.cast(tv_eps, tf.float32)
+  use_tv = tv_weight > 0
+  outer = tf.where(use_tv, tf.maximum(tf.cast(reweights, tf.int32), 1), 1)
+  voxel_size_mm = tf.cast(voxel_size_mm, tf.float32)
   grid = physics_tf.fft_shape(size, 1.0, margin)
   kernel = tf.cast(physics_tf.dipole_kernel(grid, voxel_size_mm, b0_dir, rfft=True),
                    tf.complex64)
@@ -264,21 +357,43 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     return tf.reduce_sum(a * b)
 
   x0 = to_grid(chi_net)
-  r = apply(to_grid(field_ppm) - apply(x0))
+  rhs = apply(to_grid(field_ppm)) + mu * x0
+  # M_G is only needed with the L1 term; tf.cond skips the sort otherwise.
+  edges = tf.cond(use_tv, lambda: _edge_weights_tf(x0, m, voxel_size_mm, edge_fraction),
+                  lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
 
-  def body(i, delta, r, p, rs):
-    ap = apply(apply(p)) + mu * p
-    alpha = tf.math.divide_no_nan(rs, dot(p, ap))
-    delta = delta + alpha * p
-    r = r - alpha * ap
-    rs_new = dot(r, r)
-    p = r + tf.math.divide_no_nan(rs_new, rs) * p
-    return i + 1, delta, r, p, rs_new
+  def outer_body(k, x):
+    def lagged_weights():
+      gx = edges * _gradient_tf(x, voxel_size_mm)
+      return edges * tf.math.rsqrt(gx * gx + tv_eps)
 
-  _, delta, _, _, _ = tf.while_loop(
-      lambda i, *_: i < iterations, body,
-      (tf.constant(0), tf.zeros_like(x0), r, r, dot(r, r)))
-  inner = physics_tf.crop_from(x0 + delta, size)
+    v = tf.cond(use_tv, lagged_weights, lambda: edges)
+
+    def normal(y):
+      def tv_term():
+        return tv_weight * m * -_divergence_tf(v * _gradient_tf(m * y, voxel_size_mm),
+                                               voxel_size_mm)
+      return apply(apply(y)) + mu * y + tf.cond(use_tv, tv_term, lambda: tf.zeros_like(y))
+
+    # CG for the step delta (started at 0): normal(x + delta) = rhs.
+    r = rhs - normal(x)
+
+    def body(i, delta, r, p, rs):
+      ap = normal(p)
+      alpha = tf.math.divide_no_nan(rs, dot(p, ap))
+      delta = delta + alpha * p
+      r = r - alpha * ap
+      rs_new = dot(r, r)
+      p = r + tf.math.divide_no_nan(rs_new, rs) * p
+      return i + 1, delta, r, p, rs_new
+
+    _, delta, _, _, _ = tf.while_loop(
+        lambda i, *_: i < iterations, body,
+        (tf.constant(0), tf.zeros_like(x), r, r, dot(r, r)))
+    return k + 1, x + delta
+
+  _, x = tf.while_loop(lambda k, _: k < outer, outer_body, (tf.constant(0), x0))
+  inner = physics_tf.crop_from(x, size)
   full = tf.shape(m_full)
   return tf.pad(inner, tf.stack([begin, full - begin - size], axis=1)) * m_full
 
