@@ -1,7 +1,7 @@
 r"""Exports a trained generator as a versioned SavedModel for TF Serving.
 
   python -m qsmgan_tf.export --model_dir=runs/cpu_small --export_base=saved_models/qsmgan \
-      [--version=3] [--which=best|final]
+      [--version=3] [--which=best|final] [--refine=mu=0.001,tv_weight=3e-4,reweights=2]
 
 The layout, the signatures and the contract are described in `qsmgan_tf.exporting`, the library
 this binary calls (and that training, inference and tests import).
@@ -26,11 +26,17 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "final"], "Which generator 
                            "best validation NRMSE or the last epoch.")
 
 
+_REFINE = flags.DEFINE_string("refine", None, "Refinement parameters recorded in the contract "
+                              "(key=value,...; keys of qsmgan_tf.refine.DEFAULTS), e.g. chosen "
+                              "by benchmarks/tune_refine.py; unset keys keep the defaults.")
+
+
 @cli.one_line_errors
 def main(argv):
   if len(argv) > 1:
     raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
-  path = exporting.export_model(_MODEL_DIR.value, _EXPORT_BASE.value, _VERSION.value, _WHICH.value)
+  path = exporting.export_model(_MODEL_DIR.value, _EXPORT_BASE.value, _VERSION.value, _WHICH.value,
+                                refine_params=exporting.parse_refine(_REFINE.value))
   print(path)
   return 0
 

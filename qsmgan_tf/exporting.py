@@ -295,10 +295,38 @@ def load_generator(model_dir, which: str = "best"):
   return keras.saving.load_model(str(path), compile=False)
 
 
-def export_model(model_dir, export_base, version: int | None = None, which: str = "best"
-                 ) -> pathlib.Path:
-  """Exports a training folder's generator; see `export_generator`."""
+def parse_refine(text: str | None) -> dict[str, Any]:
+  """``'mu=0.001,tv_weight=3e-4'`` -> refinement parameters typed like `refine.DEFAULTS`.
+
+  Raises:
+    InputError: an unknown key or a value of the wrong type.
+  """
+  from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
+  out: dict[str, Any] = {}
+  for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in refine.DEFAULTS:
+      raise InputError(f"unknown refinement parameter {key!r}; expected some of "
+                       f"{', '.join(refine.DEFAULTS)}")
+    try:
+      out[key] = type(refine.DEFAULTS[key])(value.strip())
+    except ValueError:
+      raise InputError(f"refinement parameter {key}: bad value {value!r}") from None
+  return out
+
+
+def export_model(model_dir, export_base, version: int | None = None, which: str = "best",
+                 refine_params: dict[str, Any] | None = None) -> pathlib.Path:
+  """Exports a training folder's generator; see `export_generator`.
+
+  ``refine_params`` (e.g. chosen by ``benchmarks/tune_refine.py``) override the refinement
+  defaults the contract records; parameters not given keep `refine.DEFAULTS`.
+  """
+  from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
   contract = read_contract(model_dir)
+  if refine_params:
+    contract["refine"] = {**refine.resolve_params(contract), **refine_params}
   check_version(export_base, version)  # fail before the slow part
   generator = load_generator(model_dir, which)
   return export_generator(generator, contract, export_base, version,

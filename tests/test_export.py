@@ -13,6 +13,7 @@ import tensorflow as tf
 from qsmgan_tf import exporting as export  # the library behind the binary
 from qsmgan_tf import inference
 from qsmgan_tf import networks
+from qsmgan_tf import refine
 from qsmgan_tf.nifti_io import InputError
 
 keras = pytest.importorskip("keras")
@@ -165,7 +166,7 @@ def test_contract_travels_in_assets_and_signature(exported, loaded):
   assert on_disk == served
   for key, value in contract.items():
     assert served[key] == value, key
-  assert served["refine"] == {"mu": 0.003, "iterations": 15, "margin": 12}
+  assert served["refine"] == refine.DEFAULTS
   assert served["inference"] == inference.TILING_DEFAULTS  # training wrote none: defaults
   assert served["export"]["version"] == 1
   assert served["export"]["source"] == "generator_best.keras"
@@ -348,3 +349,13 @@ def test_predict_cli_with_an_exported_model_keeps_geometry_and_reports_residuals
   info = sidecar["method_info"]
   # The refinement is what makes the untrained network's map consistent with the field.
   assert info["residual_after"] < info["residual_before"]
+
+
+def test_refine_overrides_are_typed_and_checked():
+  assert export.parse_refine("mu=0.001, tv_weight=3e-4,reweights=2") == {
+      "mu": 0.001, "tv_weight": 3e-4, "reweights": 2}
+  assert export.parse_refine(None) == {}
+  with pytest.raises(InputError, match="unknown refinement parameter 'lam'"):
+    export.parse_refine("lam=1")
+  with pytest.raises(InputError, match="reweights: bad value '2.5'"):
+    export.parse_refine("reweights=2.5")
