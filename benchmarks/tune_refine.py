@@ -11,6 +11,10 @@ setting (NRMSE and HFEN in %, seconds) and a last line ``{"best": ...}``: the se
 lowest mean NRMSE over the phantoms (optionally among those within ``--max_seconds`` per brain,
 when the cores are otherwise idle). Record it in the model's contract when exporting:
 ``python -m qsmgan_tf.export ... --refine=mu=...,tv_weight=...,reweights=...``.
+
+``--ablate=<setting>`` runs one setting from three priors (the network's map, zero, TKD): with
+a zero prior the edge mask is empty and the solve is a plain TV-regularised inversion, so the
+difference is what the network contributes (its edges, its start and its cone content).
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ from absl import app
 from absl import flags
 
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
-_GRID = flags.DEFINE_enum("grid", "small", ["small", "full"], "Parameter grid size.")
+_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine"], "Parameter grid: 'small' "
+                          "and 'full' scan mu and the L1 weight; 'fine' probes around the "
+                          "shipped model's choice.")
+_ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
+                              "(key=value,...) from three priors, the network's map, zero and "
+                              "TKD, to show what the network contributes to the refined result.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Largest refinement time (s, brain) a "
                                   "setting may take to be chosen (0 = no limit; timings are "
                                   "only meaningful on otherwise idle cores).")
@@ -37,6 +46,7 @@ GRIDS = {
                   (1e-4, 2), (3e-4, 2), (1e-3, 2))),
     "full": dict(mu=(0.0003, 0.001, 0.003), iterations=(15,),
                  tv=((0.0, 1), (3e-5, 2), (1e-4, 2), (3e-4, 2))),
+    "fine": dict(mu=(0.0001, 0.0003), iterations=(15,), tv=((1e-4, 2), (1e-4, 3))),
 }
 
 
@@ -48,17 +58,23 @@ def _scores(chi, truth, mask):
 
 def main(argv):
   del argv
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from data_prep import simulate  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
+  from qsmgan_tf import classical  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
+
   backend = inference.load_backend(_MODEL.value)
-  refine_fn = inference._refine_tf_fn()  # pylint: disable=protected-access
+  refine_fn = inference.traced_refine_tf()
   grid = GRIDS[_GRID.value]
   settings = [dict(mu=mu, iterations=it, tv_weight=tv, reweights=rw)
               for mu, it, (tv, rw) in itertools.product(grid["mu"], grid["iterations"],
                                                         grid["tv"])]
+  priors = ["network"]
+  if _ABLATE.value:
+    settings = [exporting.parse_refine(_ABLATE.value)]
+    priors = ["network", "zero", "tkd"]
   results = {i: [] for i in range(len(settings))}
   seconds = {i: [] for i in range(len(settings))}
   for kind, seed, lesions, b0 in PHANTOMS:
@@ -70,20 +86,24 @@ def main(argv):
             "b0_dir": [round(float(v), 4) for v in sub.b0_dir]}
     print(json.dumps({**base, "setting": "network alone",
                       **_scores(net, sub.chi_ppm, mask)}), flush=True)
-    for i, setting in enumerate(settings):
+    for prior_name, (i, setting) in itertools.product(priors, enumerate(settings)):
+      prior = {"network": lambda: net, "zero": lambda: np.zeros_like(net),
+               "tkd": lambda: classical.reconstruct("tkd", sub.field_ppm, mask,
+                                                    sub.voxel_size_mm, sub.b0_dir)}[prior_name]()
       params = {**refine.DEFAULTS, **setting}
       t0 = time.perf_counter()
-      chi = refine_fn(net, sub.field_ppm.astype(np.float32), mask.astype(np.float32),
+      chi = refine_fn(prior, sub.field_ppm.astype(np.float32), mask.astype(np.float32),
                       np.float32(sub.b0_dir), np.float32(sub.voxel_size_mm),
                       **{k: np.asarray(v, np.float32 if isinstance(refine.DEFAULTS[k], float)
                                        else np.int32) for k, v in params.items()}).numpy()
       dt = time.perf_counter() - t0
       scores = _scores(chi, sub.chi_ppm, mask)
-      results[i].append(scores["nrmse"])
-      if kind == "brain":
-        seconds[i].append(dt)
-      print(json.dumps({**base, "setting": setting, **scores, "seconds": round(dt, 2)}),
-            flush=True)
+      if prior_name == "network":
+        results[i].append(scores["nrmse"])
+        if kind == "brain":
+          seconds[i].append(dt)
+      print(json.dumps({**base, "prior": prior_name, "setting": setting, **scores,
+                        "seconds": round(dt, 2)}), flush=True)
   ranked = sorted(((float(np.mean(results[i])), i) for i in results
                    if not _MAX_SECONDS.value or max(seconds[i]) <= _MAX_SECONDS.value))
   if not ranked:
@@ -94,7 +114,6 @@ def main(argv):
                     "max_brain_seconds": round(max(seconds[i]), 2),
                     "runner_up": [{"setting": settings[j], "mean_nrmse": round(n, 2)}
                                   for n, j in ranked[1:4]]}), flush=True)
-  del tf
 
 
 if __name__ == "__main__":

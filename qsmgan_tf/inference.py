@@ -488,7 +488,7 @@ _LOCAL_SPECS = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [
 
 
 @functools.cache
-def _refine_tf_fn():
+def traced_refine_tf():
   """`refine_lib.refine_tf` traced once, its parameters as tensors (no retrace per value)."""
   scalars = [tf.TensorSpec([], tf.float32 if isinstance(v, float) else tf.int32)
              for v in refine_lib.DEFAULTS.values()]
@@ -1204,7 +1204,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       timings["network_s"] = time.perf_counter() - t0
       t1 = time.perf_counter()
       if method == "cg":
-        chi = _refine_tf_fn()(chi_net, field, mask.astype(np.float32), b0.astype(np.float32),
+        chi = traced_refine_tf()(chi_net, field, mask.astype(np.float32), b0.astype(np.float32),
                               np.asarray(voxel, np.float32),
                               **{k: np.asarray(v, np.float32 if isinstance(v, float) else
                                                np.int32) for k, v in params.items()}).numpy()

@@ -56,8 +56,9 @@ _GRAD_WEIGHT = flags.DEFINE_float("gradient_loss_weight", None, "Weight of the f
 _OUTPUT_TRANSFORM = flags.DEFINE_enum("output_transform", None,
                                       ["linear", "tanh", "scaled_tanh"],
                                       "Override the preset's output transform.")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "Generator .keras file or model_dir to "
-                                 "start from (e.g. a pretrained U-Net for --stage=wgan_gp).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Generator .keras file, model_dir or "
+                                 "exported SavedModel (e.g. saved_models/qsmgan) to start from "
+                                 "(e.g. a pretrained U-Net for --stage=wgan_gp).")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every_steps", None, "Checkpoint period, steps.")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", None, "TensorBoard scalar period, steps.")
 _VAL_STEPS = flags.DEFINE_integer("val_steps", None, "Validation batches per epoch.")

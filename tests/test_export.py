@@ -359,3 +359,14 @@ def test_refine_overrides_are_typed_and_checked():
     export.parse_refine("lam=1")
   with pytest.raises(InputError, match="reweights: bad value '2.5'"):
     export.parse_refine("reweights=2.5")
+
+
+def test_training_can_start_from_an_exported_model(exported):
+  """`train --init_from=saved_models/qsmgan[/N]` rebuilds the generator with the same weights."""
+  from qsmgan_tf import training  # pylint: disable=import-outside-toplevel
+  path, generator, trained_contract = exported
+  for where in (path, path.parent):  # a version folder or the model base path
+    rebuilt, contract = training._load_init_generator(str(where))  # pylint: disable=protected-access
+    assert contract["input_patch"] == trained_contract["input_patch"]
+    for a, b in zip(rebuilt.get_weights(), generator.get_weights()):
+      np.testing.assert_array_equal(a, b)
