@@ -1089,6 +1089,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_mu: float | None = None, refine_iterations: int | None = None,
                        refine_margin: int | None = None, refine_lam: float | None = None,
                        refine_tv_weight: float | None = None,
+                       refine_reweights: int | None = None,
                        precision: str = "float32", backend: _Backend | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
   """QSMGAN susceptibility map of a local field, with data-consistency refinement.
@@ -1110,7 +1111,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       names); roi_size defaults to the contract's output patch.
     threads: TF intra-op threads (before TF initialises only).
     progress: progress bar over windows.
-    refine_mu, refine_iterations, refine_margin, refine_tv_weight: override
+    refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights: override
       ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve).
     refine_lam: weight of the 'closed' variant.
     precision: 'float32' or 'bfloat16' (Keras generators only).
@@ -1144,7 +1145,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     contract = backend.contract
     geo = network_geometry(contract)
     params = refine_lib.resolve_params(contract, mu=refine_mu, iterations=refine_iterations,
-                                       margin=refine_margin, tv_weight=refine_tv_weight)
+                                       margin=refine_margin, tv_weight=refine_tv_weight,
+                                       reweights=refine_reweights)
     if (backend.kind != "keras" and roi_size is not None
         and int(roi_size) != geo["output_patch"]):
       raise InputError(f"roi_size {roi_size}: an exported model serves fixed "
