@@ -66,7 +66,6 @@ def main(argv):
   from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
 
   backend = inference.load_backend(_MODEL.value)
-  refine_fn = inference.traced_refine_tf()
   grid = GRIDS[_GRID.value]
   settings = [dict(mu=mu, iterations=it, tv_weight=tv, reweights=rw)
               for mu, it, (tv, rw) in itertools.product(grid["mu"], grid["iterations"],
@@ -86,16 +85,16 @@ def main(argv):
             "b0_dir": [round(float(v), 4) for v in sub.b0_dir]}
     print(json.dumps({**base, "setting": "network alone",
                       **_scores(net, sub.chi_ppm, mask)}), flush=True)
+    maps = {"network": net}
+    if "zero" in priors:
+      maps["zero"] = np.zeros_like(net)
+    if "tkd" in priors:
+      maps["tkd"] = classical.reconstruct("tkd", sub.field_ppm, mask, sub.voxel_size_mm,
+                                          sub.b0_dir)
     for prior_name, (i, setting) in itertools.product(priors, enumerate(settings)):
-      prior = {"network": lambda: net, "zero": lambda: np.zeros_like(net),
-               "tkd": lambda: classical.reconstruct("tkd", sub.field_ppm, mask,
-                                                    sub.voxel_size_mm, sub.b0_dir)}[prior_name]()
-      params = {**refine.DEFAULTS, **setting}
       t0 = time.perf_counter()
-      chi = refine_fn(prior, sub.field_ppm.astype(np.float32), mask.astype(np.float32),
-                      np.float32(sub.b0_dir), np.float32(sub.voxel_size_mm),
-                      **{k: np.asarray(v, np.float32 if isinstance(refine.DEFAULTS[k], float)
-                                       else np.int32) for k, v in params.items()}).numpy()
+      chi = inference.run_refine_tf(maps[prior_name], sub.field_ppm, mask, sub.b0_dir,
+                                    sub.voxel_size_mm, {**refine.DEFAULTS, **setting})
       dt = time.perf_counter() - t0
       scores = _scores(chi, sub.chi_ppm, mask)
       if prior_name == "network":

@@ -495,6 +495,16 @@ def traced_refine_tf():
   return tf.function(refine_lib.refine_tf, input_signature=_LOCAL_SPECS + scalars)
 
 
+def run_refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm,
+                  params: dict[str, Any]) -> np.ndarray:
+  """`traced_refine_tf` on NumPy inputs with a `refine.resolve_params` dict; chi_ppm."""
+  scalars = {k: np.asarray(v, np.float32 if isinstance(refine_lib.DEFAULTS[k], float) else
+                           np.int32) for k, v in params.items()}
+  return traced_refine_tf()(np.asarray(chi_net, np.float32), np.asarray(field_ppm, np.float32),
+                            np.asarray(mask, np.float32), np.asarray(b0_dir, np.float32),
+                            np.asarray(voxel_size_mm, np.float32), **scalars).numpy()
+
+
 @functools.cache
 def _residual_tf_fn():
   """`refine_lib.field_residual_tf` traced once (faster than the SciPy version)."""
@@ -1206,10 +1216,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       timings["network_s"] = time.perf_counter() - t0
       t1 = time.perf_counter()
       if method == "cg":
-        chi = traced_refine_tf()(chi_net, field, mask.astype(np.float32), b0.astype(np.float32),
-                              np.asarray(voxel, np.float32),
-                              **{k: np.asarray(v, np.float32 if isinstance(v, float) else
-                                               np.int32) for k, v in params.items()}).numpy()
+        chi = run_refine_tf(chi_net, field, mask, b0, voxel, params)
         info["refine"] = {"method": "cg", **params, "in_graph": False}
       elif method == "closed":
         lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)

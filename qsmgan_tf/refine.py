@@ -104,14 +104,12 @@ def _check_inputs(chi_net, field_ppm, mask):
 def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Sequence[float],
                  edge_fraction: float) -> np.ndarray:
   """M_G float32 [3, ...]: 0 on the ``edge_fraction`` largest |gradient| components of
-  ``chi_grid`` inside the mask (NumPy's linear quantile), 1 elsewhere."""
-  g = np.abs(operators.gradient(np.where(mask_grid, chi_grid, 0.0).astype(np.float32),
-                                voxel_size_mm))
-  inside = np.broadcast_to(mask_grid, g.shape)
+  ``chi_grid`` inside the mask, 1 elsewhere: MEDI's edge mask (`medi.edge_mask`) with the
+  network's map in place of the magnitude."""
+  from qsmgan_tf.classical import medi  # pylint: disable=import-outside-toplevel
   if edge_fraction <= 0:
-    return np.ones_like(g)
-  thr = np.quantile(g[inside], 1.0 - edge_fraction)
-  return (g <= thr).astype(np.float32)
+    return np.ones((3,) + np.shape(chi_grid), np.float32)
+  return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction)
 
 
 def _masked_operator(grid: operators.Grid):

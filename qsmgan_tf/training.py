@@ -259,11 +259,10 @@ def _generator_from_saved_model(path: pathlib.Path) -> tuple[keras.Model, dict]:
 def _load_init_generator(path: str) -> tuple[keras.Model, dict | None]:
   """(generator, contract or None) from a .keras file, a training model_dir, or an exported
   SavedModel (a version folder or a model base path such as saved_models/qsmgan)."""
+  from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
   p = pathlib.Path(path)
   contract = None
-  if p.is_dir() and ((p / "saved_model.pb").exists()
-                     or any(c.name.isdigit() and (c / "saved_model.pb").exists()
-                            for c in p.iterdir())):
+  if (p / "saved_model.pb").exists() or exporting.list_versions(p):
     return _generator_from_saved_model(p)
   if p.is_dir():
     if (p / "contract.json").exists():
