@@ -6,7 +6,9 @@ The network runs once per phantom (seeds 850001-850004: a healthy brain, a brain
 a brain with B0 tilted 10 deg, a shape phantom; none is in a training set or in the model
 card's validation cases, which use seeds >= 900000), then `refine.refine_tf` runs for every
 parameter set of the grid: ``mu`` (prior weight), CG ``iterations``, and the L1 edge prior
-(``tv_weight``, ``reweights``; 0 = the quadratic solve). Prints one JSON line per phantom and
+(``tv_weight``, ``reweights``; 0 = the quadratic solve) and, with ``--grid=magnitude``, the
+magnitude's edges and noise weighting (the phantoms' simulated magnitude is passed to every
+setting; settings that do not use it ignore it). Prints one JSON line per phantom and
 setting (NRMSE and HFEN in %, seconds) and a last line ``{"best": ...}``: the setting with the
 lowest mean NRMSE over the phantoms (optionally among those within ``--max_seconds`` per brain,
 when the cores are otherwise idle). Record it in the model's contract when exporting:
@@ -27,10 +29,13 @@ import numpy as np
 from absl import app
 from absl import flags
 
+import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
+
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
-_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine"], "Parameter grid: 'small' "
-                          "and 'full' scan mu and the L1 weight; 'fine' probes around the "
-                          "shipped model's choice.")
+_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "magnitude"],
+                          "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
+                          "probes around the shipped model's choice; 'magnitude' adds the "
+                          "magnitude's edges and noise weighting to it.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -38,9 +43,6 @@ _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Largest refinement time (
                                   "setting may take to be chosen (0 = no limit; timings are "
                                   "only meaningful on otherwise idle cores).")
 
-PHANTOMS = (("brain", 850001, False, (0.0, 0.0, 1.0)), ("brain", 850002, True, (0.0, 0.0, 1.0)),
-            ("brain", 850003, False, (0.1736482, 0.0, 0.9848078)),
-            ("shapes", 850004, False, (0.0, 0.0, 1.0)))
 GRIDS = {
     "small": dict(mu=(0.001, 0.003, 0.01), iterations=(15,), tv=((0.0, 1),
                   (1e-4, 2), (3e-4, 2), (1e-3, 2))),
@@ -48,17 +50,20 @@ GRIDS = {
                  tv=((0.0, 1), (3e-5, 2), (1e-4, 2), (3e-4, 2))),
     "fine": dict(mu=(0.0001, 0.0003), iterations=(15,), tv=((1e-4, 2), (1e-4, 3))),
 }
-
-
-def _scores(chi, truth, mask):
-  from qsmgan_tf import metrics  # pylint: disable=import-outside-toplevel
-  out = metrics.evaluate(chi, truth, mask)
-  return {"nrmse": round(out["nrmse"], 2), "hfen": round(out["hfen"], 2)}
+# The magnitude's uses around the shipped setting (mu 1e-4, 15 iterations, L1 weight 1e-4,
+# 3 reweights): network edges, magnitude edges, both, and the noise weighting.
+_SHIPPED = dict(mu=0.0001, iterations=15, tv_weight=1e-4, reweights=3)
+MAGNITUDE_SETTINGS = [
+    {**_SHIPPED, "edge_fraction": ef, "magnitude_edge_fraction": mef, "magnitude_weighting": w}
+    for ef, mef, w in ((0.3, 0.0, 0), (0.3, 0.3, 0), (0.0, 0.3, 0), (0.3, 0.15, 0),
+                       (0.3, 0.0, 1), (0.3, 0.3, 1), (0.0, 0.3, 1))] + [
+    {**_SHIPPED, "tv_weight": 3e-4, "edge_fraction": ef, "magnitude_edge_fraction": 0.3}
+    for ef in (0.3, 0.0)] + [
+    {**_SHIPPED, "mu": 3e-5, "edge_fraction": 0.3, "magnitude_edge_fraction": 0.3}]
 
 
 def main(argv):
   del argv
-  from data_prep import simulate  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
@@ -66,25 +71,27 @@ def main(argv):
   from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
 
   backend = inference.load_backend(_MODEL.value)
-  grid = GRIDS[_GRID.value]
-  settings = [dict(mu=mu, iterations=it, tv_weight=tv, reweights=rw)
-              for mu, it, (tv, rw) in itertools.product(grid["mu"], grid["iterations"],
-                                                        grid["tv"])]
+  if _GRID.value == "magnitude":
+    settings = MAGNITUDE_SETTINGS
+  else:
+    grid = GRIDS[_GRID.value]
+    settings = [dict(mu=mu, iterations=it, tv_weight=tv, reweights=rw)
+                for mu, it, (tv, rw) in itertools.product(grid["mu"], grid["iterations"],
+                                                          grid["tv"])]
   priors = ["network"]
   if _ABLATE.value:
     settings = [exporting.parse_refine(_ABLATE.value)]
     priors = ["network", "zero", "tkd"]
   results = {i: [] for i in range(len(settings))}
   seconds = {i: [] for i in range(len(settings))}
-  for kind, seed, lesions, b0 in PHANTOMS:
-    sub = simulate.simulate_subject(kind, seed, b0_dir=b0, snr=100.0, lesions=lesions)
+  for name, sub in tuning_phantoms.subjects():
     mask = sub.mask
     net, _ = inference.reconstruct_qsmgan(sub.field_ppm, mask, sub.voxel_size_mm, sub.b0_dir,
                                           backend=backend, refine="none", progress=False)
-    base = {"phantom": f"{kind}-{seed}", "shape": list(mask.shape),
+    base = {"phantom": name, "shape": list(mask.shape),
             "b0_dir": [round(float(v), 4) for v in sub.b0_dir]}
     print(json.dumps({**base, "setting": "network alone",
-                      **_scores(net, sub.chi_ppm, mask)}), flush=True)
+                      **tuning_phantoms.scores(net, sub.chi_ppm, mask)}), flush=True)
     maps = {"network": net}
     if "zero" in priors:
       maps["zero"] = np.zeros_like(net)
@@ -94,12 +101,13 @@ def main(argv):
     for prior_name, (i, setting) in itertools.product(priors, enumerate(settings)):
       t0 = time.perf_counter()
       chi = inference.run_refine_tf(maps[prior_name], sub.field_ppm, mask, sub.b0_dir,
-                                    sub.voxel_size_mm, {**refine.DEFAULTS, **setting})
+                                    sub.voxel_size_mm, {**refine.DEFAULTS, **setting},
+                                    magnitude=sub.magnitude)
       dt = time.perf_counter() - t0
-      scores = _scores(chi, sub.chi_ppm, mask)
+      scores = tuning_phantoms.scores(chi, sub.chi_ppm, mask)
       if prior_name == "network":
         results[i].append(scores["nrmse"])
-        if kind == "brain":
+        if name.startswith("brain"):
           seconds[i].append(dt)
       print(json.dumps({**base, "prior": prior_name, "setting": setting, **scores,
                         "seconds": round(dt, 2)}), flush=True)

@@ -5,8 +5,10 @@ r"""The shipped model's validation table: five unseen phantoms, every method, on
 
 For each case (seeds >= 900000, never used by a training set: dataset seeds derive subject
 seeds below that), `data_prep.make_phantom` writes the subject once, then ONE
-`python -m qsmgan_tf.evaluate` run scores every method on it: qsmgan refined (the default),
-qsmgan without refinement, the stage-1 U-Net alone (``--unet_model``) and TKD, closed-form L2,
+`python -m qsmgan_tf.evaluate` run scores every method on it: qsmgan refined (the default; with
+the phantom's magnitude, which the refinement uses if the model's contract says so), the same
+without the magnitude (``use_magnitude=false``: field, mask and B0 only), qsmgan without
+refinement, the stage-1 U-Net alone (``--unet_model``) and TKD, closed-form L2,
 iLSQR, MEDI and TV at their documented defaults. A second qsmgan row switches the refinement's L1
 edge prior off (the quadratic data-consistency solve alone) to show what that term adds. Prints one JSON line per case and method
 (machine-readable) and writes ``<work_dir>/validation.md``: the per-case tables plus, per case,
@@ -58,6 +60,7 @@ def _run(args: list[str]) -> None:
 
 def method_specs() -> list[str]:
   specs = ["qsmgan:label=qsmgan refined",
+           "qsmgan:use_magnitude=false:label=qsmgan refined, field only",
            "qsmgan:refine_tv_weight=0:label=qsmgan, quadratic refinement only",
            "qsmgan:refine=none:label=qsmgan (no refinement)"]
   if _UNET.value:

@@ -10,6 +10,13 @@ cylinders and curved tubes, each replacing or adding to what lies below. Labels:
 11 tubes (vessel-like), 12 compact objects, and 16/17 for the optional lesions (same model as the
 brain phantoms).
 
+The magnitude does not mirror chi: half of the objects (`MAGNITUDE_HIDDEN_FRACTION`)
+leave proton density and R2* unchanged, and a few magnitude-only objects change them where chi
+does not, as in vivo, where not every susceptibility boundary shows in the magnitude and not every
+magnitude boundary is a susceptibility one. (Otherwise magnitude-edge priors such as MEDI's would
+know every chi edge.) These draws come from their own random stream, so chi and the field of a
+seed do not depend on them.
+
 Example:
   phantom = shapes_phantom(seed=3, shape=(128, 128, 128), voxel_size_mm=(1, 1, 1))
 """
@@ -25,6 +32,8 @@ from data_prep import phantoms as P
 # Natural field of view (mm): a head-sized cube.
 SHAPES_FOV_MM = (128, 128, 128)
 CHI_RANGE_PPM = (-1.0, 1.5)
+MAGNITUDE_HIDDEN_FRACTION = 0.5
+MAGNITUDE_ONLY_OBJECTS = (5, 13)  # [low, high) count of objects seen in the magnitude only
 
 
 def _object_chi(rng: np.random.Generator) -> float:
@@ -54,6 +63,7 @@ def shapes_phantom(seed: int, shape: Sequence[int] | None = None,
   vox = tuple(float(v) for v in voxel_size_mm)
   shape = P.natural_shape(SHAPES_FOV_MM, vox) if shape is None else tuple(int(n) for n in shape)
   rng = np.random.default_rng([int(seed), 2])
+  look = np.random.default_rng([int(seed), 3])  # magnitude-only draws: chi stays seed-stable
   grid = P.Grid.centred(shape, vox)
   fov = np.asarray(shape, dtype=np.float64) * np.asarray(vox)
   spacing = 0.25 * fov  # mm: a few bumps across the field of view
@@ -104,7 +114,14 @@ def shapes_phantom(seed: int, shape: Sequence[int] | None = None,
       region = P.tube_region(grid, P.bezier_points(ends), radius)
       label = 11
     canvas.paint(region, chi_value, label, weight=inside,
-                   additive=bool(rng.uniform() < 0.4), pd=float(rng.uniform(0.5, 1.0)), r2s=r2s)
+                 additive=bool(rng.uniform() < 0.4), pd=float(rng.uniform(0.5, 1.0)), r2s=r2s,
+                 appearance=bool(look.uniform() >= MAGNITUDE_HIDDEN_FRACTION))
+  for _ in range(int(look.integers(*MAGNITUDE_ONLY_OBJECTS))):
+    centre = (look.uniform(-0.5, 0.5, size=3) * semi * 2.0) * 0.8
+    region = P.ellipsoid_region(grid, centre, look.uniform(0.03, 0.12, size=3) * size,
+                                P.random_rotation(look, 180.0))
+    canvas.paint_appearance(region, float(look.uniform(0.5, 1.0)),
+                            float(look.uniform(15.0, 40.0)), weight=inside)
   # Overlapping additive objects can sum past the intended range.
   np.clip(canvas.chi, *CHI_RANGE_PPM, out=canvas.chi)
   placed = []

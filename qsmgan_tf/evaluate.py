@@ -51,7 +51,8 @@ _MASK = flags.DEFINE_string("mask", None, "Brain mask NIfTI (non-zero = inside).
 _TRUTH = flags.DEFINE_string("truth", None, "Reference susceptibility NIfTI, ppm.")
 _SEG = flags.DEFINE_string("seg", None, "QSM-CI segmentation labels NIfTI (adds DGM linearity).")
 _MAGNITUDE = flags.DEFINE_string("magnitude", None, "Magnitude NIfTI (MEDI's edge mask and "
-                                 "weights).")
+                                 "weights; qsmgan's refinement as its contract says; spec "
+                                 "option use_magnitude=false keeps it from qsmgan).")
 _METHODS = flags.DEFINE_string("methods", "qsmgan,tkd,cfl2,ilsqr,medi,tv",
                                "Comma-separated method specs name[:key=value...] (module doc).")
 _LABELS = flags.DEFINE_list("labels", None, "Row labels, one per method spec (default: the "

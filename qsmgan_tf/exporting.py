@@ -19,7 +19,9 @@ Signatures (all in ppm; normalisation and output transform are inside the graph)
     bounding box, or overlapping Gaussian-blended tiles of it in a `tf.while_loop` when the
     pass would exceed the contract's memory budget (``inference.max_single_pass_voxels``,
     chosen in the graph per request), then CG refinement, in one graph
-    (`inference.make_predict_volume_fn`);
+    (`inference.make_predict_volume_fn`); the refinement's magnitude uses are off here;
+  * ``predict_volume_magnitude``: the same with one more input, ``magnitude [X,Y,Z]``, which
+    the refinement uses as the contract's ``refine`` says (magnitude edges, noise weighting);
   * ``network_volume``: the network alone over a whole volume, same pass or tiles
     (`inference.make_network_volume_fn`);
   * ``refine``: data-consistency refinement of a given chi (`inference.make_refine_fn`);
@@ -47,11 +49,13 @@ from typing import Any
 from absl import logging
 
 from qsmgan_tf.serving import (CONTRACT, CONTRACT_OUTPUT, NETWORK_VOLUME, PATCH_INPUT,
-                               PATCH_OUTPUT, PREDICT_VOLUME, REFINE, SERVING_DEFAULT)
+                               PATCH_OUTPUT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, REFINE,
+                               SERVING_DEFAULT)
 from qsmgan_tf.nifti_io import InputError
 
 CONTRACT_ASSET = "contract.json"
-VOLUME_SIGNATURES = [SERVING_DEFAULT, PREDICT_VOLUME, NETWORK_VOLUME, REFINE, CONTRACT]
+VOLUME_SIGNATURES = [SERVING_DEFAULT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, NETWORK_VOLUME,
+                     REFINE, CONTRACT]
 PATCH_SIGNATURES = [SERVING_DEFAULT, CONTRACT]
 TEMP_PREFIX = ".tmp-"
 _VERSION_RE = re.compile(r"^[0-9]+$")
@@ -217,6 +221,8 @@ def build_archive(generator, contract: dict[str, Any], asset_dir, volume_signatu
   if volume_signatures:
     from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
     for name, fn in ((PREDICT_VOLUME, inference.make_predict_volume_fn(generator, contract)),
+                     (PREDICT_VOLUME_MAGNITUDE,
+                      inference.make_predict_volume_fn(generator, contract, with_magnitude=True)),
                      (NETWORK_VOLUME, inference.make_network_volume_fn(generator, contract)),
                      (REFINE, inference.make_refine_fn(contract))):
       fn.get_concrete_function()  # traced now: ExportArchive wants a traced tf.function

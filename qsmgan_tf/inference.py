@@ -424,12 +424,15 @@ def make_network_volume_fn(generator, contract: dict[str, Any]):
   return network_volume
 
 
-def make_predict_volume_fn(generator, contract: dict[str, Any]):
+def make_predict_volume_fn(generator, contract: dict[str, Any], with_magnitude: bool = False):
   """The ``predict_volume`` signature: network pass, refinement and residuals in one graph.
 
   Args:
     generator: the Keras generator.
     contract: the model contract (generator config; ``refine`` and ``inference`` defaults).
+    with_magnitude: the ``predict_volume_magnitude`` variant: one more input, ``magnitude
+      [X,Y,Z]``, used by the refinement as ``contract['refine']`` says (`refine` module);
+      without it the contract's magnitude uses are off.
 
   Returns:
     tf.function with inputs ``field_ppm [X,Y,Z]`` (ppm of B0), ``mask [X,Y,Z]`` (0/1),
@@ -441,11 +444,13 @@ def make_predict_volume_fn(generator, contract: dict[str, Any]):
   """
   args = _network_args(contract)
   params = refine_lib.resolve_params(contract)
+  if not with_magnitude:
+    params = refine_lib.without_magnitude(params)
 
-  @tf.function(input_signature=_volume_specs())
-  def predict_volume(field_ppm, mask, b0_dir, voxel_size_mm):
+  def predict(field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
     chi_net = network_volume_tf(generator, field_ppm, mask, **args)
-    chi = refine_lib.refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, **params)
+    chi = refine_lib.refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, **params,
+                               magnitude=magnitude)
     return {
         "chi_ppm": chi,
         "chi_net_ppm": chi_net,
@@ -455,7 +460,16 @@ def make_predict_volume_fn(generator, contract: dict[str, Any]):
                                                        voxel_size_mm),
     }
 
-  return predict_volume
+  def predict_volume(field_ppm, mask, b0_dir, voxel_size_mm):
+    return predict(field_ppm, mask, b0_dir, voxel_size_mm)
+
+  def predict_volume_magnitude(field_ppm, mask, b0_dir, voxel_size_mm, magnitude):
+    return predict(field_ppm, mask, b0_dir, voxel_size_mm, magnitude)
+
+  if with_magnitude:
+    return tf.function(predict_volume_magnitude, input_signature=_volume_specs() + [
+        tf.TensorSpec([None, None, None], tf.float32, name="magnitude")])
+  return tf.function(predict_volume, input_signature=_volume_specs())
 
 
 def make_refine_fn(contract: dict[str, Any]):
@@ -465,7 +479,7 @@ def make_refine_fn(contract: dict[str, Any]):
     tf.function with inputs ``chi_net_ppm [X,Y,Z]``, ``field_ppm``, ``mask``, ``b0_dir [3]``,
     ``voxel_size_mm [3]`` and outputs ``chi_ppm``, ``residual_before``, ``residual_after``.
   """
-  params = refine_lib.resolve_params(contract)
+  params = refine_lib.without_magnitude(refine_lib.resolve_params(contract))
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32,
                                               name="chi_net_ppm")] + _volume_specs())
@@ -489,20 +503,27 @@ _LOCAL_SPECS = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [
 
 @functools.cache
 def traced_refine_tf():
-  """`refine_lib.refine_tf` traced once, its parameters as tensors (no retrace per value)."""
+  """`refine_lib.refine_tf` traced once, its parameters and magnitude as tensors (no retrace
+  per value)."""
   scalars = [tf.TensorSpec([], tf.float32 if isinstance(v, float) else tf.int32)
              for v in refine_lib.DEFAULTS.values()]
-  return tf.function(refine_lib.refine_tf, input_signature=_LOCAL_SPECS + scalars)
+  return tf.function(refine_lib.refine_tf, input_signature=_LOCAL_SPECS + scalars + [
+      tf.TensorSpec([None, None, None], tf.float32)])
 
 
 def run_refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm,
-                  params: dict[str, Any]) -> np.ndarray:
-  """`traced_refine_tf` on NumPy inputs with a `refine.resolve_params` dict; chi_ppm."""
+                  params: dict[str, Any], magnitude=None) -> np.ndarray:
+  """`traced_refine_tf` on NumPy inputs with a `refine.resolve_params` dict and an optional
+  magnitude (without one, the parameters' magnitude uses are switched off); chi_ppm."""
+  if magnitude is None:
+    params = refine_lib.without_magnitude(params)
+    magnitude = mask
   scalars = {k: np.asarray(v, np.float32 if isinstance(refine_lib.DEFAULTS[k], float) else
                            np.int32) for k, v in params.items()}
   return traced_refine_tf()(np.asarray(chi_net, np.float32), np.asarray(field_ppm, np.float32),
                             np.asarray(mask, np.float32), np.asarray(b0_dir, np.float32),
-                            np.asarray(voxel_size_mm, np.float32), **scalars).numpy()
+                            np.asarray(voxel_size_mm, np.float32), **scalars,
+                            magnitude=np.asarray(magnitude, np.float32)).numpy()
 
 
 @functools.cache
@@ -854,8 +875,10 @@ class _Backend:
   def patch_fn(self, patches):
     raise NotImplementedError
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm) -> dict[str, Any] | None:
-    """Network + refinement with the contract's defaults in one call, or None."""
+  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm,
+                     magnitude=None) -> dict[str, Any] | None:
+    """Network + refinement with the contract's defaults in one call (with ``magnitude``:
+    the ``predict_volume_magnitude`` signature), or None when the model has no such graph."""
     return None
 
   def close(self) -> None:
@@ -884,6 +907,7 @@ class KerasBackend(_Backend):
     self.precision = precision
     self.generator = cast_generator(generator, generator_config(contract), precision)
     self._predict = make_predict_volume_fn(self.generator, contract)
+    self._predict_magnitude = None  # traced on first use
     self._network = make_network_volume_fn(self.generator, contract)
     self._patch = tf.function(lambda x: self.generator(x, training=False),
                               input_signature=[tf.TensorSpec([None] * 4 + [1], tf.float32)])
@@ -895,11 +919,14 @@ class KerasBackend(_Backend):
   def patch_fn(self, patches):
     return self._patch(tf.constant(patches, tf.float32)).numpy()
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm):
-    return _np_outputs(self._predict(np.asarray(field_ppm, np.float32),
-                                     np.asarray(mask, np.float32),
-                                     np.asarray(b0_dir, np.float32),
-                                     np.asarray(voxel_size_mm, np.float32)))
+  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+    args = [np.asarray(field_ppm, np.float32), np.asarray(mask, np.float32),
+            np.asarray(b0_dir, np.float32), np.asarray(voxel_size_mm, np.float32)]
+    if magnitude is None:
+      return _np_outputs(self._predict(*args))
+    if self._predict_magnitude is None:
+      self._predict_magnitude = make_predict_volume_fn(self.generator, self.contract, True)
+    return _np_outputs(self._predict_magnitude(*args, np.asarray(magnitude, np.float32)))
 
 
 class SavedModelBackend(_Backend):
@@ -932,11 +959,13 @@ class SavedModelBackend(_Backend):
         **{serving.PATCH_INPUT: tf.constant(patches, tf.float32)})
     return out[serving.PATCH_OUTPUT].numpy()
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm):
-    return _np_outputs(self.signatures[serving.PREDICT_VOLUME](
-        field_ppm=tf.constant(field_ppm, tf.float32), mask=tf.constant(mask, tf.float32),
-        b0_dir=tf.constant(b0_dir, tf.float32),
-        voxel_size_mm=tf.constant(voxel_size_mm, tf.float32)))
+  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+    name = serving.PREDICT_VOLUME if magnitude is None else serving.PREDICT_VOLUME_MAGNITUDE
+    if name not in self.signatures:
+      return None  # exported before the magnitude signature existed
+    inputs = serving.volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
+    return _np_outputs(self.signatures[name](
+        **{k: tf.constant(v, tf.float32) for k, v in inputs.items()}))
 
 
 class GrpcBackend(_Backend):
@@ -949,9 +978,10 @@ class GrpcBackend(_Backend):
     self.path = server
     self.contract = self.client.contract()
 
-  def _call(self, field_ppm, mask, b0_dir, voxel_size_mm):
-    inputs = serving.volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
-    outputs, self.meta = self.client.predict(serving.PREDICT_VOLUME, inputs)
+  def _call(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+    inputs = serving.volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
+    name = serving.PREDICT_VOLUME if magnitude is None else serving.PREDICT_VOLUME_MAGNITUDE
+    outputs, self.meta = self.client.predict(name, inputs)
     return {k: np.asarray(v) for k, v in outputs.items()}
 
   def describe(self):
@@ -972,8 +1002,11 @@ class GrpcBackend(_Backend):
     if hasattr(self.client, "close"):
       self.client.close()
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm):
-    return self._call(field_ppm, mask, b0_dir, voxel_size_mm)
+  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+    if magnitude is not None and serving.PREDICT_VOLUME_MAGNITUDE not in (
+        (self.contract.get("export") or {}).get("signatures") or []):
+      return None  # the served model predates the magnitude signature
+    return self._call(field_ppm, mask, b0_dir, voxel_size_mm, magnitude)
 
 
 class RestBackend(_Backend):
@@ -1078,6 +1111,17 @@ def _validate(field_ppm, mask, voxel_size_mm, b0_dir):
   return operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
 
 
+def _check_magnitude(magnitude, mask: np.ndarray) -> np.ndarray:
+  """|magnitude| float32 of the mask's shape with a positive finite mean inside, or InputError."""
+  magnitude = np.abs(np.asarray(magnitude, np.float32))
+  if magnitude.shape != mask.shape:
+    raise InputError(f"magnitude has shape {magnitude.shape}, the field {mask.shape}")
+  inside = magnitude[mask]
+  if not np.all(np.isfinite(inside)) or not inside.mean() > 0:
+    raise InputError("magnitude must be finite with a positive mean inside the mask")
+  return magnitude
+
+
 def _network_plan(backend: _Backend, mask: np.ndarray) -> dict[str, Any]:
   """`network_pass_plan` for the back-end's model, logged when it tiles."""
   if backend.kind != "keras" and "inference" not in backend.contract:
@@ -1100,8 +1144,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_margin: int | None = None, refine_lam: float | None = None,
                        refine_tv_weight: float | None = None,
                        refine_reweights: int | None = None,
-                       precision: str = "float32", backend: _Backend | None = None
-                       ) -> tuple[np.ndarray, dict[str, Any]]:
+                       precision: str = "float32", backend: _Backend | None = None,
+                       magnitude=None) -> tuple[np.ndarray, dict[str, Any]]:
   """QSMGAN susceptibility map of a local field, with data-consistency refinement.
 
   Args:
@@ -1126,6 +1170,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     refine_lam: weight of the 'closed' variant.
     precision: 'float32' or 'bfloat16' (Keras generators only).
     backend: an already loaded back-end (reused across calls; overrides model/server/rest_url).
+    magnitude: optional magnitude image [X, Y, Z] (any scale): the refinement uses it as the
+      contract's ``refine`` says (magnitude edges, noise weighting; `refine` module), else
+      it is ignored.
 
   Returns:
     ``(chi_ppm float32 [X, Y, Z] zero outside the mask, info)``; info holds the model and its
@@ -1157,6 +1204,13 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     params = refine_lib.resolve_params(contract, mu=refine_mu, iterations=refine_iterations,
                                        margin=refine_margin, tv_weight=refine_tv_weight,
                                        reweights=refine_reweights)
+    contract_params = refine_lib.resolve_params(contract)
+    if magnitude is not None:
+      magnitude = _check_magnitude(magnitude, mask)
+    if magnitude is None or not refine_lib.uses_magnitude(params):
+      magnitude = None  # nothing would use it: the graphs without a magnitude input serve
+      params = refine_lib.without_magnitude(params)
+      contract_params = refine_lib.without_magnitude(contract_params)
     if (backend.kind != "keras" and roi_size is not None
         and int(roi_size) != geo["output_patch"]):
       raise InputError(f"roi_size {roi_size}: an exported model serves fixed "
@@ -1190,16 +1244,17 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     timings = {}
     t0 = time.perf_counter()
     whole_graph = (inference == "single" and frame.identity and method == "cg"
-                   and params == refine_lib.resolve_params(contract))
+                   and params == contract_params)
     outputs = None
     if whole_graph:
       info["network_pass"] = _network_plan(backend, mask)
       outputs = backend.predict_volume(field, mask.astype(np.float32), b0.astype(np.float32),
-                                       np.asarray(voxel, np.float32))
+                                       np.asarray(voxel, np.float32), magnitude)
+    uses_magnitude = {"magnitude": magnitude is not None}
     if outputs is not None:
       chi = outputs["chi_ppm"]
       timings["network_and_refine_s"] = time.perf_counter() - t0
-      info["refine"] = {"method": "cg", **params, "in_graph": True}
+      info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": True}
       info["residual_before"] = float(outputs["residual_before"])
       info["residual_after"] = float(outputs["residual_after"])
     else:
@@ -1216,8 +1271,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       timings["network_s"] = time.perf_counter() - t0
       t1 = time.perf_counter()
       if method == "cg":
-        chi = run_refine_tf(chi_net, field, mask, b0, voxel, params)
-        info["refine"] = {"method": "cg", **params, "in_graph": False}
+        chi = run_refine_tf(chi_net, field, mask, b0, voxel, params, magnitude)
+        info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": False}
       elif method == "closed":
         lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)
         chi = refine_lib.refine_closed_form(chi_net, field, mask, voxel, b0, lam,

@@ -63,7 +63,8 @@ _REFERENCE = flags.DEFINE_enum(
     "mask_mean: subtract chi's mean over the mask; none: keep the method's level.")
 _B0_DIR = flags.DEFINE_string(
     "b0_dir", None, "B0 direction x,y,z in the voxel frame; default: from the field's affine.")
-_MAGNITUDE = flags.DEFINE_string("magnitude", None, "Magnitude NIfTI (MEDI's weights/edges).")
+_MAGNITUDE = flags.DEFINE_string("magnitude", None, "Magnitude NIfTI: MEDI's weights and edges; "
+                                 "qsmgan's refinement uses it as its model's contract says.")
 _MODEL = flags.DEFINE_string("model", None, "qsmgan: .keras model file or SavedModel folder.")
 _SERVER = flags.DEFINE_string("server", None, "qsmgan: TF Serving gRPC host:port.")
 _REST_URL = flags.DEFINE_string("rest_url", None, "qsmgan: TF Serving REST predict URL.")

@@ -71,7 +71,8 @@ def run_method(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     mask: region of interest (bool), the field's shape.
     voxel_size_mm: voxel size, mm.
     b0_dir: B0 direction in the voxel frame.
-    magnitude: optional magnitude image (MEDI's weights and edge mask).
+    magnitude: optional magnitude image (MEDI's weights and edge mask; qsmgan's refinement
+      uses it when its model's contract says so, unless ``use_magnitude=False``).
     reference: 'mask_mean' or 'none' (see `apply_reference`): 'none' keeps the level the method
       produced.
     params: classical methods: overrides of `classical.DEFAULTS[name]`; 'qsmgan': keyword
@@ -102,7 +103,11 @@ def run_method(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
 
     kwargs = {**dict(params or {}), **options}
-    chi, method_info = inference.reconstruct_qsmgan(field_ppm, mask, voxel_size_mm, b0, **kwargs)
+    # use_magnitude=false (an evaluate spec option) runs qsmgan as if no magnitude were given.
+    use_magnitude = kwargs.pop("use_magnitude", True)
+    chi, method_info = inference.reconstruct_qsmgan(
+        field_ppm, mask, voxel_size_mm, b0, magnitude=magnitude if use_magnitude else None,
+        **kwargs)
     info["parameters"] = kwargs
     info["method_info"] = method_info
   else:

@@ -23,6 +23,17 @@ ppm^2/mm^2) and running ``iterations`` CG steps from the current chi. It needs n
 image, so the SavedModel's ``predict_volume`` signature (field, mask, B0, voxel size) can run
 it. Its parameters are chosen on validation phantoms and recorded in the model's contract.
 
+When a magnitude image is given (``predict --magnitude``, the ``predict_volume_magnitude``
+signature), two optional uses of it, both off unless the contract sets them:
+``magnitude_edge_fraction > 0`` also frees the magnitude's strongest gradient components
+(``M_G = M_G(chi_net) * M_G(magnitude)``: smoothness is asked for only where neither image
+has an edge; ``edge_fraction = 0`` leaves the magnitude's edges alone, as MEDI does), and
+``magnitude_weighting = 1`` weights the data term by the magnitude normalised to mean 1 over
+the mask, ``||W (D chi - field)||^2`` with ``W = M |m| / mean(|m|)``: the phase noise's
+standard deviation is inversely proportional to the magnitude, so this is the
+maximum-likelihood weighting MEDI uses (dark voxels such as microbleeds count less).
+Without a magnitude both are ignored.
+
 Speed: the solve runs on the mask's bounding box padded by ``margin`` voxels a side to a fast
 FFT size, not on a 2x grid (chi is zero outside the mask, so the periodic images of the
 sources are at least ``2 * margin`` voxels away from the mask). BUILD.md quotes the measured
@@ -48,11 +59,26 @@ from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
 
 DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
-            "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4}
+            "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
+            "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
-(BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior."""
+(BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior;
+``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given."""
+
+MAGNITUDE_PARAMS = ("magnitude_edge_fraction", "magnitude_weighting")
+
+
+def uses_magnitude(params: dict) -> bool:
+  """Whether refinement parameters (`resolve_params`) would use a magnitude image."""
+  return ((params["tv_weight"] > 0 and params["magnitude_edge_fraction"] > 0)
+          or bool(params["magnitude_weighting"]))
+
+
+def without_magnitude(params: dict) -> dict:
+  """``params`` with the magnitude's uses off: what runs when no magnitude is given."""
+  return {**params, "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0}
 
 CLOSED_FORM_DEFAULTS = {"lam": 0.01, "margin": operators.DEFAULT_MARGIN}
 """Closed-form k-space variant: Tikhonov weight towards chi_net, padding margin (voxels)."""
@@ -101,6 +127,18 @@ def _check_inputs(chi_net, field_ppm, mask):
   return chi_net, field_ppm, mask
 
 
+def _check_magnitude(magnitude, mask) -> np.ndarray | None:
+  """|magnitude| as float32, or None; ValueError if its shape or in-mask mean is wrong."""
+  if magnitude is None:
+    return None
+  magnitude = np.abs(np.asarray(magnitude, dtype=np.float32))
+  if magnitude.shape != mask.shape:
+    raise ValueError(f"magnitude {magnitude.shape} must have the mask's shape {mask.shape}")
+  if not np.all(np.isfinite(magnitude[mask])) or not magnitude[mask].mean() > 0:
+    raise ValueError("magnitude must be finite with a positive mean inside the mask")
+  return magnitude
+
+
 def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Sequence[float],
                  edge_fraction: float) -> np.ndarray:
   """M_G float32 [3, ...]: 0 on the ``edge_fraction`` largest |gradient| components of
@@ -112,11 +150,13 @@ def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Seq
   return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction)
 
 
-def _masked_operator(grid: operators.Grid):
-  """``A x = M D (M x)`` on the grid: the in-mask field of an in-mask source (A = A^T)."""
+def _weighted_operator(grid: operators.Grid, weight: np.ndarray):
+  """``(A, A^T)`` with ``A x = W D (M x)`` on the grid: the weighted in-mask field of an
+  in-mask source (``W = M`` gives the symmetric ``M D M``)."""
   m = grid.mask.astype(np.float32)
   kernel = grid.dipole()
-  return lambda x: physics.apply_kernel(m * x, kernel) * m
+  return (lambda x: physics.apply_kernel(m * x, kernel) * weight,
+          lambda y: physics.apply_kernel(weight * y, kernel) * m)
 
 
 def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
@@ -126,7 +166,10 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               margin: int = DEFAULTS["margin"], tv_weight: float = DEFAULTS["tv_weight"],
               edge_fraction: float = DEFAULTS["edge_fraction"],
               reweights: int = DEFAULTS["reweights"],
-              tv_eps: float = DEFAULTS["tv_eps"]) -> np.ndarray:
+              tv_eps: float = DEFAULTS["tv_eps"],
+              magnitude_edge_fraction: float = DEFAULTS["magnitude_edge_fraction"],
+              magnitude_weighting: int = DEFAULTS["magnitude_weighting"],
+              magnitude: np.ndarray | None = None) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
   Args:
@@ -143,23 +186,37 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     edge_fraction: share of chi_net's in-mask gradient components left free as edges.
     reweights: lagged-diffusivity steps (each runs ``iterations`` CG steps); 1 if tv_weight 0.
     tv_eps: smoothing of the L1 term, ppm^2/mm^2.
+    magnitude_edge_fraction: share of the magnitude's in-mask gradient components also left
+      free (0 = its edges unused); needs ``magnitude`` and ``tv_weight > 0``.
+    magnitude_weighting: 1 = weight the data term by the normalised magnitude (module
+      docstring); needs ``magnitude``.
+    magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
 
   Returns:
     chi_ppm float32 [X, Y, Z], 0 outside the mask.
 
   Raises:
-    ValueError: shapes differ, or the mask is empty.
+    ValueError: shapes differ, the mask is empty, or the magnitude is unusable.
   """
   chi_net, field_ppm, mask = _check_inputs(chi_net, field_ppm, mask)
+  magnitude = _check_magnitude(magnitude, mask)
   grid = operators.Grid(mask, voxel_size_mm, physics.unit_vector(b0_dir), margin)
-  apply = _masked_operator(grid)
   m = grid.mask.astype(np.float32)
+  mag = None if magnitude is None else grid.to_grid(magnitude) * m
+  weight = m
+  if mag is not None and magnitude_weighting:
+    weight = (mag / mag[grid.mask].mean(dtype=np.float64)).astype(np.float32)
+  forward, adjoint = _weighted_operator(grid, weight)
   vs = grid.voxel_size_mm
   x0 = (grid.to_grid(chi_net) * grid.mask).astype(np.float64)
   f = (grid.to_grid(field_ppm) * grid.mask).astype(np.float32)
-  rhs = apply(f).astype(np.float64) + mu * x0
+  rhs = adjoint(weight * f).astype(np.float64) + mu * x0
   use_tv = tv_weight > 0
-  edges = edge_weights(x0.astype(np.float32), grid.mask, vs, edge_fraction) if use_tv else None
+  edges = None
+  if use_tv:
+    edges = edge_weights(x0.astype(np.float32), grid.mask, vs, edge_fraction)
+    if mag is not None and magnitude_edge_fraction > 0:
+      edges = edges * edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
   x = x0.copy()
   for _ in range(int(reweights) if use_tv else 1):
     if use_tv:
@@ -167,7 +224,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       v = edges / np.sqrt(gx * gx + np.float32(tv_eps))
 
     def normal(y, v=v if use_tv else None):
-      out = apply(apply(y)).astype(np.float64) + mu * y
+      out = adjoint(forward(y)).astype(np.float64) + mu * y
       if v is not None:
         yy = (m * y).astype(np.float32)
         out += tv_weight * (m * -operators.divergence(v * operators.gradient(yy, vs), vs))
@@ -226,7 +283,8 @@ def field_residual(chi_ppm, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0),
 
 def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
            method: str = "cg", mu: float | None = None, iterations: int | None = None,
-           margin: int | None = None, lam: float | None = None, contract: dict | None = None):
+           margin: int | None = None, lam: float | None = None, contract: dict | None = None,
+           magnitude=None):
   """Refinement by name, with residuals for the sidecar (NumPy).
 
   Args:
@@ -235,6 +293,7 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
     mu, iterations, margin: CG parameters; None takes ``contract['refine']`` then `DEFAULTS`.
     lam: closed-form weight; None takes `CLOSED_FORM_DEFAULTS`.
     contract: model contract (its ``refine`` entry supplies defaults).
+    magnitude: optional magnitude image (used as the contract's parameters say).
 
   Returns:
     ``(chi_ppm, info)``, info with the method, its parameters and the relative field residual
@@ -245,6 +304,8 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
   """
   method = resolve_method(method)
   params = resolve_params(contract, mu=mu, iterations=iterations, margin=margin)
+  if magnitude is None:
+    params = without_magnitude(params)
   chi_net, field_ppm, mask = _check_inputs(chi_net, field_ppm, mask)
   chi_net = chi_net * mask
   before = field_residual(chi_net, field_ppm, mask, voxel_size_mm, b0_dir)
@@ -256,7 +317,8 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
                              params["margin"])
     info = {"method": "closed", "lam": lam, "margin": params["margin"]}
   else:
-    chi = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params)
+    chi = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params,
+                    magnitude=magnitude)
     info = {"method": "cg", **params}
   info["residual_before"] = before
   info["residual_after"] = field_residual(chi, field_ppm, mask, voxel_size_mm, b0_dir)
@@ -307,7 +369,9 @@ def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction):
 def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"],
               iterations=DEFAULTS["iterations"], margin=DEFAULTS["margin"],
               tv_weight=DEFAULTS["tv_weight"], edge_fraction=DEFAULTS["edge_fraction"],
-              reweights=DEFAULTS["reweights"], tv_eps=DEFAULTS["tv_eps"]):
+              reweights=DEFAULTS["reweights"], tv_eps=DEFAULTS["tv_eps"],
+              magnitude_edge_fraction=DEFAULTS["magnitude_edge_fraction"],
+              magnitude_weighting=DEFAULTS["magnitude_weighting"], magnitude=None):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -323,6 +387,9 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     margin: zero margin around the mask's bounding box, voxels (scalar).
     tv_weight, edge_fraction, reweights, tv_eps: the L1 edge prior (module docstring);
       scalars, Python or tensors; ``tv_weight`` 0 gives the quadratic solve.
+    magnitude_edge_fraction, magnitude_weighting: the magnitude's uses (`refine_cg`); scalars.
+    magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
+      two above. Traced callers without a magnitude pass any volume with both set to 0.
 
   Returns:
     chi_ppm float32 [X, Y, Z], 0 outside the mask.
@@ -348,16 +415,36 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   def to_grid(v):
     return physics_tf.pad_to(tf.slice(v, begin, size), grid) * m
 
-  def apply(x):  # A x = M D (M x), as `_masked_operator`
-    return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * m
-
   def dot(a, b):
     return tf.reduce_sum(a * b)
 
+  if magnitude is None:
+    mag = m
+    magnitude_edge_fraction, magnitude_weighting = 0.0, 0
+  else:
+    mag = tf.abs(to_grid(tf.convert_to_tensor(magnitude, tf.float32)))
+  magnitude_edge_fraction = tf.cast(magnitude_edge_fraction, tf.float32)
+  weight = tf.where(tf.cast(magnitude_weighting, tf.int32) > 0,
+                    mag / (tf.reduce_sum(mag) / tf.reduce_sum(m)), m)
+
+  def forward(x):  # A x = W D (M x), as `_weighted_operator`
+    return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight
+
+  def adjoint(y):  # A^T y = M D (W y)
+    return tf.signal.irfft3d(tf.signal.rfft3d(weight * y) * kernel, fft_length=grid) * m
+
   x0 = to_grid(chi_net)
-  rhs = apply(to_grid(field_ppm)) + mu * x0
-  # M_G is only needed with the L1 term; tf.cond skips the sort otherwise.
-  edges = tf.cond(use_tv, lambda: _edge_weights_tf(x0, m, voxel_size_mm, edge_fraction),
+  rhs = adjoint(weight * to_grid(field_ppm)) + mu * x0
+
+  def edge_mask():
+    net_edges = _edge_weights_tf(x0, m, voxel_size_mm, edge_fraction)
+    return tf.cond(magnitude_edge_fraction > 0,
+                   lambda: net_edges * _edge_weights_tf(mag, m, voxel_size_mm,
+                                                        magnitude_edge_fraction),
+                   lambda: net_edges)
+
+  # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
+  edges = tf.cond(use_tv, edge_mask,
                   lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
 
   def outer_body(k, x):
@@ -371,7 +458,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
       def tv_term():
         return tv_weight * m * -_divergence_tf(v * _gradient_tf(m * y, voxel_size_mm),
                                                voxel_size_mm)
-      return apply(apply(y)) + mu * y + tf.cond(use_tv, tv_term, lambda: tf.zeros_like(y))
+      return adjoint(forward(y)) + mu * y + tf.cond(use_tv, tv_term, lambda: tf.zeros_like(y))
 
     # CG for the step delta (started at 0): normal(x + delta) = rhs.
     r = rhs - normal(x)

@@ -41,6 +41,7 @@ from qsmgan_tf.nifti_io import InputError
 # Signature and tensor names: `export` writes them, these clients send them.
 SERVING_DEFAULT = "serving_default"
 PREDICT_VOLUME = "predict_volume"
+PREDICT_VOLUME_MAGNITUDE = "predict_volume_magnitude"
 NETWORK_VOLUME = "network_volume"
 REFINE = "refine"
 CONTRACT = "contract"
@@ -200,14 +201,19 @@ def predict_volume_grpc(client: GrpcClient | str, field_ppm, mask, voxel_size_mm
       client.close()
 
 
-def volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir) -> dict[str, np.ndarray]:
-  """The ``predict_volume`` signature's inputs, typed as `inference` declares them."""
-  return {
+def volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir,
+                  magnitude=None) -> dict[str, np.ndarray]:
+  """The ``predict_volume`` signature's inputs, typed as `inference` declares them (with
+  ``magnitude``: the ``predict_volume_magnitude`` signature's)."""
+  out = {
       "field_ppm": np.asarray(field_ppm, np.float32),
       "mask": np.asarray(mask, np.float32),
       "voxel_size_mm": np.asarray(voxel_size_mm, np.float32).reshape(3),
       "b0_dir": np.asarray(b0_dir, np.float32).reshape(3),
   }
+  if magnitude is not None:
+    out["magnitude"] = np.asarray(magnitude, np.float32)
+  return out
 
 
 # --------------------------------------------------------------------------------------

@@ -152,6 +152,51 @@ def test_predict_volume_tiles_in_graph_with_a_small_budget(exported, tmp_path):
   np.testing.assert_allclose(network, chi_net, atol=1e-6 * scale)
 
 
+def test_magnitude_signature_refines_with_the_contracts_magnitude_uses(exported, tmp_path):
+  """A contract with magnitude edges and weighting: ``predict_volume_magnitude`` == the NumPy
+  refinement of the network's map with that magnitude, != ``predict_volume`` (which ignores
+  them), and `reconstruct_qsmgan` takes the whole-graph path with or without a magnitude."""
+  _, generator, contract = exported
+  uses = {"tv_weight": 3e-4, "reweights": 2, "magnitude_edge_fraction": 0.3,
+          "magnitude_weighting": 1}
+  path = export.export_generator(generator, dict(contract, refine=uses), tmp_path / "m")
+  model, served_contract = export.load(path)
+  params = refine.resolve_params(served_contract)
+  assert params == {**refine.DEFAULTS, **uses}
+  shape = (26, 28, 24)
+  idx = np.indices(shape)
+  mask = ((((idx - np.reshape([12.5, 13.5, 11.5], (3, 1, 1, 1))) / 10.0) ** 2).sum(0) < 1)
+  rng = np.random.default_rng(4)
+  field = (rng.normal(size=shape) * 0.02 * mask).astype(np.float32)
+  mag = (mask * rng.uniform(0.2, 1.0, size=shape)).astype(np.float32)
+  # On the model's grid and axis (no resampling or rotation), so the whole graph can serve.
+  b0, voxel = np.float32([0.0, 0.0, 1.0]), np.float32([1.0, 1.0, 1.0])
+  args = dict(field_ppm=field, mask=mask.astype(np.float32), b0_dir=b0, voxel_size_mm=voxel)
+  with_mag = model.signatures["predict_volume_magnitude"](**args, magnitude=mag)
+  plain = model.signatures["predict_volume"](**args)
+  chi_net = with_mag["chi_net_ppm"].numpy()
+  want = refine.refine_cg(chi_net, field, mask, voxel, b0, **params, magnitude=mag)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(with_mag["chi_ppm"].numpy(), want, atol=1e-4 * scale)
+  assert np.abs(plain["chi_ppm"].numpy() - want).max() > 1e-2 * scale
+  for magnitude, served in ((mag, with_mag), (None, plain)):
+    chi, info = inference.reconstruct_qsmgan(field, mask, voxel, b0, model=str(path),
+                                             magnitude=magnitude, progress=False)
+    assert info["refine"]["in_graph"] and info["refine"]["magnitude"] == (magnitude is not None)
+    np.testing.assert_allclose(chi, served["chi_ppm"].numpy(), atol=1e-6 * scale)
+  # Off the whole-graph path (an override), the local refinement uses the magnitude the same way.
+  chi, info = inference.reconstruct_qsmgan(field, mask, voxel, b0, model=str(path),
+                                           magnitude=mag, refine_iterations=15, refine_mu=0.003,
+                                           refine_reweights=3, progress=False)
+  assert not info["refine"]["in_graph"] and info["refine"]["magnitude"]
+  np.testing.assert_allclose(chi, refine.refine_cg(
+      chi_net, field, mask, voxel, b0, **{**params, "reweights": 3},
+      magnitude=mag), atol=1e-4 * scale)
+  with pytest.raises(InputError, match="magnitude"):
+    inference.reconstruct_qsmgan(field, mask, voxel, b0, model=str(path),
+                                 magnitude=np.zeros_like(mag), progress=False)
+
+
 def test_weights_are_stored_once(exported):
   path, generator, _ = exported
   stored = tf.train.list_variables(str(path / "variables" / "variables"))
@@ -171,7 +216,8 @@ def test_contract_travels_in_assets_and_signature(exported, loaded):
   assert served["export"]["version"] == 1
   assert served["export"]["source"] == "generator_best.keras"
   assert served["export"]["signatures"] == ["serving_default", "predict_volume",
-                                            "network_volume", "refine", "contract"]
+                                            "predict_volume_magnitude", "network_volume",
+                                            "refine", "contract"]
 
 
 def test_contract_visible_in_saved_model_cli(exported):

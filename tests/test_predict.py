@@ -179,6 +179,7 @@ runpy.run_module("qsmgan_tf.predict", run_name="__main__")
 def test_qsmgan_flags_reach_the_network(data):
   # A stand-in for qsmgan_tf.inference records what the binary passes to reconstruct_qsmgan.
   env = dict(os.environ, PYTHONPATH=str(_REPO))
+  (data / "out").mkdir(exist_ok=True)  # not left to another test
   args = ["--method=qsmgan", "--field=field.nii.gz", "--mask=mask.nii.gz",
           "--output=out/net_Chimap.nii.gz", "--model=/home/someone/runs/qsmgan/3",
           "--refine=none", "--inference=tiled", "--overlap=0.5", "--mode=constant",
@@ -189,7 +190,7 @@ def test_qsmgan_flags_reach_the_network(data):
   kwargs = json.loads(res.stdout.split("KWARGS=")[1].splitlines()[0])
   assert kwargs == {"model": "/home/someone/runs/qsmgan/3", "server": None, "rest_url": None,
                     "refine": "none", "inference": "tiled", "overlap": 0.5, "mode": "constant",
-                    "sw_batch_size": 2, "threads": 1, "progress": False}
+                    "sw_batch_size": 2, "threads": 1, "progress": False, "magnitude": None}
   side = json.loads((data / "out" / "net_Chimap.json").read_text())
   assert side["method"] == "qsmgan" and side["reference"] == "none"
   assert side["parameters"]["model"] == "qsmgan/3"  # no directories
