@@ -32,10 +32,11 @@ from absl import flags
 import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
-_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "magnitude"],
+_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
-                          "probes around the shipped model's choice; 'magnitude' adds the "
-                          "magnitude's edges and noise weighting to it.")
+                          "probes around the shipped model's choice, 'converge' below its mu "
+                          "and with more iterations; 'magnitude' adds the magnitude's edges and "
+                          "noise weighting to it.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -49,6 +50,8 @@ GRIDS = {
     "full": dict(mu=(0.0003, 0.001, 0.003), iterations=(15,),
                  tv=((0.0, 1), (3e-5, 2), (1e-4, 2), (3e-4, 2))),
     "fine": dict(mu=(0.0001, 0.0003), iterations=(15,), tv=((1e-4, 2), (1e-4, 3))),
+    # Below the edge of 'fine' (mu), and closer to convergence (more CG steps and reweights).
+    "converge": dict(mu=(0.0001, 0.00003), iterations=(15, 30), tv=((1e-4, 3), (1e-4, 5))),
 }
 # The magnitude's uses around the shipped setting (mu 1e-4, 15 iterations, L1 weight 1e-4,
 # 3 reweights): network edges, magnitude edges, both, and the noise weighting.
