@@ -1145,7 +1145,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_tv_weight: float | None = None,
                        refine_reweights: int | None = None,
                        precision: str = "float32", backend: _Backend | None = None,
-                       magnitude=None) -> tuple[np.ndarray, dict[str, Any]]:
+                       magnitude=None, rotate_above_deg: float | None = None
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
   """QSMGAN susceptibility map of a local field, with data-consistency refinement.
 
   Args:
@@ -1173,6 +1174,10 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     magnitude: optional magnitude image [X, Y, Z] (any scale): the refinement uses it as the
       contract's ``refine`` says (magnitude edges, noise weighting; `refine` module), else
       it is ignored.
+    rotate_above_deg: B0 tilts (from the model's axis) above this are rotated onto the axis for
+      the network and back; None = the largest tilt the model was trained on (its contract).
+      The network alone can do better on a rotated field even within its training range
+      (MODEL_CARD.md); the refinement always uses the true B0.
 
   Returns:
     ``(chi_ppm float32 [X, Y, Z] zero outside the mask, info)``; info holds the model and its
@@ -1222,8 +1227,10 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       logging.info("REST serving sends patches: using the sliding window")
       inference = "sliding_window"
 
+    tolerance = (model_b0_tolerance_deg(contract) if rotate_above_deg is None
+                 else float(rotate_above_deg))
     frame = ModelFrame(mask, voxel, b0, model_voxel_sizes(contract), model_b0_axis(contract),
-                       model_b0_tolerance_deg(contract))
+                       tolerance)
     if not frame.model_voxel_known:
       logging.warning("the model's contract states no trained voxel size: running at %s mm "
                       "without resampling", voxel)
@@ -1236,7 +1243,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     elif frame.angle_deg > 0.01:
       logging.info("B0 is %.2f deg from the model's axis (not rotated: below %.1f deg or within "
                    "training); the refinement uses the true B0", frame.angle_deg,
-                   max(ROTATE_MIN_DEG, model_b0_tolerance_deg(contract)))
+                   max(ROTATE_MIN_DEG, tolerance))
     info: dict[str, Any] = {"method": "qsmgan", **frame.info(),
                             "inference": inference, "voxel_size_mm": list(voxel),
                             "b0_dir": [float(v) for v in b0],

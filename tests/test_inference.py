@@ -355,6 +355,26 @@ def test_reconstruct_oblique_anisotropic_uses_the_true_b0(tiny):
   assert true_res < 0.5 * physics.field_residual(axial, field, mask, voxel, _OBLIQUE)
 
 
+def test_rotate_above_deg_overrides_the_trained_tilt(tiny):
+  """A tilt within the contract's trained range is not rotated unless asked for; a huge
+  threshold keeps even a 20 deg tilt unrotated. The refinement's B0 is the true one either way."""
+  tilt = np.radians(25.0)
+  contract = dict(_CONTRACT, b0_dir=[0, 0, 1],
+                  b0_dirs_trained=[[0, 0, 1], [np.sin(tilt), 0, np.cos(tilt)]])
+  _, field, mask = _phantom((36, 40, 30), b0=_OBLIQUE)
+  runs = {}
+  for threshold in (None, 5.0, 90.0):
+    chi, info = inference.reconstruct_qsmgan(field, mask, (1, 1, 1), _OBLIQUE,
+                                             model=(tiny, contract), progress=False,
+                                             rotate_above_deg=threshold)
+    runs[threshold] = (chi, info)
+    assert info["b0_dir"] == pytest.approx(list(physics.unit_vector(_OBLIQUE)))
+  assert not runs[None][1]["rotated"] and not runs[90.0][1]["rotated"]
+  assert runs[5.0][1]["rotated"]
+  np.testing.assert_array_equal(runs[None][0], runs[90.0][0])
+  assert np.abs(runs[5.0][0] - runs[None][0]).max() > 0
+
+
 @pytest.mark.parametrize("options", [
     {"inference": "sliding_window", "overlap": 0.5, "mode": "constant", "sw_batch_size": 4},
     {"refine": "closed"},
