@@ -67,11 +67,10 @@ MAGNITUDE_SETTINGS = [
 
 def main(argv):
   del argv
-  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
-
   from qsmgan_tf import classical  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
   backend = inference.load_backend(_MODEL.value)
   if _GRID.value == "magnitude":

@@ -14,8 +14,8 @@ The magnitude does not mirror chi: half of the objects (`MAGNITUDE_HIDDEN_FRACTI
 leave proton density and R2* unchanged, and a few magnitude-only objects change them where chi
 does not, as in vivo, where not every susceptibility boundary shows in the magnitude and not every
 magnitude boundary is a susceptibility one. (Otherwise magnitude-edge priors such as MEDI's would
-know every chi edge.) These draws come from their own random stream, so chi and the field of a
-seed do not depend on them.
+know every chi edge.) These draws come from their own random stream, so a seed's chi does not
+depend on them (its simulated field noise, which follows the magnitude, does).
 
 Example:
   phantom = shapes_phantom(seed=3, shape=(128, 128, 128), voxel_size_mm=(1, 1, 1))

@@ -960,7 +960,7 @@ class SavedModelBackend(_Backend):
     return out[serving.PATCH_OUTPUT].numpy()
 
   def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
-    name = serving.PREDICT_VOLUME if magnitude is None else serving.PREDICT_VOLUME_MAGNITUDE
+    name = serving.volume_signature(magnitude is not None)
     if name not in self.signatures:
       return None  # exported before the magnitude signature existed
     inputs = serving.volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
@@ -980,8 +980,8 @@ class GrpcBackend(_Backend):
 
   def _call(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
     inputs = serving.volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
-    name = serving.PREDICT_VOLUME if magnitude is None else serving.PREDICT_VOLUME_MAGNITUDE
-    outputs, self.meta = self.client.predict(name, inputs)
+    outputs, self.meta = self.client.predict(serving.volume_signature(magnitude is not None),
+                                             inputs)
     return {k: np.asarray(v) for k, v in outputs.items()}
 
   def describe(self):
@@ -1111,17 +1111,6 @@ def _validate(field_ppm, mask, voxel_size_mm, b0_dir):
   return operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
 
 
-def _check_magnitude(magnitude, mask: np.ndarray) -> np.ndarray:
-  """|magnitude| float32 of the mask's shape with a positive finite mean inside, or InputError."""
-  magnitude = np.abs(np.asarray(magnitude, np.float32))
-  if magnitude.shape != mask.shape:
-    raise InputError(f"magnitude has shape {magnitude.shape}, the field {mask.shape}")
-  inside = magnitude[mask]
-  if not np.all(np.isfinite(inside)) or not inside.mean() > 0:
-    raise InputError("magnitude must be finite with a positive mean inside the mask")
-  return magnitude
-
-
 def _network_plan(backend: _Backend, mask: np.ndarray) -> dict[str, Any]:
   """`network_pass_plan` for the back-end's model, logged when it tiles."""
   if backend.kind != "keras" and "inference" not in backend.contract:
@@ -1210,8 +1199,10 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                                        margin=refine_margin, tv_weight=refine_tv_weight,
                                        reweights=refine_reweights)
     contract_params = refine_lib.resolve_params(contract)
-    if magnitude is not None:
-      magnitude = _check_magnitude(magnitude, mask)
+    try:
+      magnitude = refine_lib.check_magnitude(magnitude, mask)
+    except ValueError as exc:
+      raise InputError(str(exc)) from None
     if magnitude is None or not refine_lib.uses_magnitude(params):
       magnitude = None  # nothing would use it: the graphs without a magnitude input serve
       params = refine_lib.without_magnitude(params)

@@ -67,9 +67,6 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 (BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior;
 ``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given."""
 
-MAGNITUDE_PARAMS = ("magnitude_edge_fraction", "magnitude_weighting")
-
-
 def uses_magnitude(params: dict) -> bool:
   """Whether refinement parameters (`resolve_params`) would use a magnitude image."""
   return ((params["tv_weight"] > 0 and params["magnitude_edge_fraction"] > 0)
@@ -127,8 +124,9 @@ def _check_inputs(chi_net, field_ppm, mask):
   return chi_net, field_ppm, mask
 
 
-def _check_magnitude(magnitude, mask) -> np.ndarray | None:
-  """|magnitude| as float32, or None; ValueError if its shape or in-mask mean is wrong."""
+def check_magnitude(magnitude, mask: np.ndarray) -> np.ndarray | None:
+  """|magnitude| as float32, or None; ValueError if its shape (the boolean ``mask``'s) or its
+  in-mask values (finite, positive mean) are wrong."""
   if magnitude is None:
     return None
   magnitude = np.abs(np.asarray(magnitude, dtype=np.float32))
@@ -199,7 +197,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     ValueError: shapes differ, the mask is empty, or the magnitude is unusable.
   """
   chi_net, field_ppm, mask = _check_inputs(chi_net, field_ppm, mask)
-  magnitude = _check_magnitude(magnitude, mask)
+  magnitude = check_magnitude(magnitude, mask)
   grid = operators.Grid(mask, voxel_size_mm, physics.unit_vector(b0_dir), margin)
   m = grid.mask.astype(np.float32)
   mag = None if magnitude is None else grid.to_grid(magnitude) * m

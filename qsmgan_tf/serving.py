@@ -201,6 +201,11 @@ def predict_volume_grpc(client: GrpcClient | str, field_ppm, mask, voxel_size_mm
       client.close()
 
 
+def volume_signature(with_magnitude: bool) -> str:
+  """The whole-volume signature to call: with a magnitude input or without."""
+  return PREDICT_VOLUME_MAGNITUDE if with_magnitude else PREDICT_VOLUME
+
+
 def volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir,
                   magnitude=None) -> dict[str, np.ndarray]:
   """The ``predict_volume`` signature's inputs, typed as `inference` declares them (with
