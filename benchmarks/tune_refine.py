@@ -14,6 +14,7 @@ lowest mean NRMSE over the phantoms (optionally among those within ``--max_secon
 when the cores are otherwise idle). Record it in the model's contract when exporting:
 ``python -m qsmgan_tf.export ... --refine=mu=...,tv_weight=...,reweights=...``.
 
+``--setting=<setting>`` scores one setting only (to compare generators under one refinement);
 ``--ablate=<setting>`` runs one setting from three priors (the network's map, zero, TKD): with
 a zero prior the edge mask is empty and the solve is a plain TV-regularised inversion, so the
 difference is what the network contributes (its edges, its start and its cone content).
@@ -32,14 +33,20 @@ from absl import flags
 import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
-_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude"],
+_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude", "margin",
+                                            "edges"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
-                          "noise weighting to it.")
+                          "noise weighting to it; 'margin' varies the zero margin of the FFT "
+                          "grid around the shipped setting; 'edges' takes the edge mask from "
+                          "the refined map at every step after the first (edge_refresh).")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
+_SETTING = flags.DEFINE_string("setting", None, "Instead of a grid: run this one setting "
+                               "(key=value,...) from the network's map, e.g. to compare "
+                               "generators under the same refinement.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Largest refinement time (s, brain) a "
                                   "setting may take to be chosen (0 = no limit; timings are "
                                   "only meaningful on otherwise idle cores).")
@@ -63,6 +70,21 @@ MAGNITUDE_SETTINGS = [
     {**_SHIPPED, "tv_weight": 3e-4, "edge_fraction": ef, "magnitude_edge_fraction": 0.3}
     for ef in (0.3, 0.0)] + [
     {**_SHIPPED, "mu": 3e-5, "edge_fraction": 0.3, "magnitude_edge_fraction": 0.3}]
+# The FFT grid's zero margin (voxels a side) at the shipped setting: the periodic images of the
+# in-mask sources are 2 * margin voxels away, so a small margin is a model error of the data
+# term (largest next to strong sources at the mask's edge, e.g. a sinus).
+# Fewer CG iterations per step pay for the larger grid.
+MARGIN_SETTINGS = ([{**_SHIPPED, "margin": m} for m in (12, 24, 32, 48)]
+                   + [{**_SHIPPED, "margin": m, "iterations": it} for m in (32, 48) for it in (8, 10)])
+
+# M_G from the current refined map after the first step (edge_refresh), around the shipped
+# setting: more steps and a stronger L1 weight can use the better edges.
+EDGE_SETTINGS = [{**_SHIPPED, "edge_refresh": 0}] + [
+    {**_SHIPPED, "edge_refresh": 1, "reweights": rw, "tv_weight": tv, "edge_fraction": ef}
+    for rw, tv, ef in ((3, 1e-4, 0.3), (4, 1e-4, 0.3), (3, 2e-4, 0.3), (3, 1e-4, 0.2),
+                       (3, 2e-4, 0.2))]
+EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
+                  "edges": EDGE_SETTINGS}
 
 
 def main(argv):
@@ -73,14 +95,16 @@ def main(argv):
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
   backend = inference.load_backend(_MODEL.value)
-  if _GRID.value == "magnitude":
-    settings = MAGNITUDE_SETTINGS
+  if _GRID.value in EXTRA_SETTINGS:
+    settings = EXTRA_SETTINGS[_GRID.value]
   else:
     grid = GRIDS[_GRID.value]
     settings = [dict(mu=mu, iterations=it, tv_weight=tv, reweights=rw)
                 for mu, it, (tv, rw) in itertools.product(grid["mu"], grid["iterations"],
                                                           grid["tv"])]
   priors = ["network"]
+  if _SETTING.value:
+    settings = [exporting.parse_refine(_SETTING.value)]
   if _ABLATE.value:
     settings = [exporting.parse_refine(_ABLATE.value)]
     priors = ["network", "zero", "tkd"]

@@ -1133,6 +1133,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_margin: int | None = None, refine_lam: float | None = None,
                        refine_tv_weight: float | None = None,
                        refine_reweights: int | None = None,
+                       refine_edge_fraction: float | None = None,
+                       refine_edge_refresh: int | None = None,
                        precision: str = "float32", backend: _Backend | None = None,
                        magnitude=None, rotate_above_deg: float | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -1155,8 +1157,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       names); roi_size defaults to the contract's output patch.
     threads: TF intra-op threads (before TF initialises only).
     progress: progress bar over windows.
-    refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights: override
-      ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve).
+    refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights,
+      refine_edge_fraction, refine_edge_refresh: override ``contract['refine']``
+      (``refine_tv_weight=0`` is the quadratic solve; `refine.DEFAULTS` names them).
     refine_lam: weight of the 'closed' variant.
     precision: 'float32' or 'bfloat16' (Keras generators only).
     backend: an already loaded back-end (reused across calls; overrides model/server/rest_url).
@@ -1197,7 +1200,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     geo = network_geometry(contract)
     params = refine_lib.resolve_params(contract, mu=refine_mu, iterations=refine_iterations,
                                        margin=refine_margin, tv_weight=refine_tv_weight,
-                                       reweights=refine_reweights)
+                                       reweights=refine_reweights,
+                                       edge_fraction=refine_edge_fraction,
+                                       edge_refresh=refine_edge_refresh)
     contract_params = refine_lib.resolve_params(contract)
     try:
       magnitude = refine_lib.check_magnitude(magnitude, mask)

@@ -19,7 +19,10 @@ anatomy: ``M_G`` is 0 on the ``edge_fraction`` strongest gradient components of 
 inside the mask (its edges are left free) and 1 elsewhere, where piecewise smoothness is
 asked for. It is solved like the MEDI toolbox does, by lagged diffusivity: ``reweights``
 outer steps, each freezing ``V = M_G / sqrt(|M_G grad chi|^2 + tv_eps)`` (tv_eps in
-ppm^2/mm^2) and running ``iterations`` CG steps from the current chi. It needs no magnitude
+ppm^2/mm^2) and running ``iterations`` CG steps from the current chi. With ``edge_refresh = 1``
+M_G is taken again, at every step after the first, from the current chi instead of chi_net:
+after one step the refined map is far closer to the truth than the network's (its edges
+included), so later steps smooth away from better edges. It needs no magnitude
 image, so the SavedModel's ``predict_volume`` signature (field, mask, B0, voxel size) can run
 it. Its parameters are chosen on validation phantoms and recorded in the model's contract.
 
@@ -60,7 +63,7 @@ from qsmgan_tf.classical import operators
 
 DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
-            "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0}
+            "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -167,6 +170,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               tv_eps: float = DEFAULTS["tv_eps"],
               magnitude_edge_fraction: float = DEFAULTS["magnitude_edge_fraction"],
               magnitude_weighting: int = DEFAULTS["magnitude_weighting"],
+              edge_refresh: int = DEFAULTS["edge_refresh"],
               magnitude: np.ndarray | None = None) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -188,6 +192,8 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       free (0 = its edges unused); needs ``magnitude`` and ``tv_weight > 0``.
     magnitude_weighting: 1 = weight the data term by the normalised magnitude (module
       docstring); needs ``magnitude``.
+    edge_refresh: 1 = take M_G from the current chi at every reweighting step after the
+      first (the magnitude's edges, if used, stay); 0 = from chi_net throughout.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
 
   Returns:
@@ -210,14 +216,19 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   f = (grid.to_grid(field_ppm) * grid.mask).astype(np.float32)
   rhs = adjoint(weight * f).astype(np.float64) + mu * x0
   use_tv = tv_weight > 0
-  edges = None
-  if use_tv:
-    edges = edge_weights(x0.astype(np.float32), grid.mask, vs, edge_fraction)
+
+  def edge_mask(chi):
+    edges = edge_weights(chi.astype(np.float32), grid.mask, vs, edge_fraction)
     if mag is not None and magnitude_edge_fraction > 0:
       edges = edges * edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
+    return edges
+
+  edges = edge_mask(x0) if use_tv else None
   x = x0.copy()
-  for _ in range(int(reweights) if use_tv else 1):
+  for step in range(int(reweights) if use_tv else 1):
     if use_tv:
+      if step > 0 and edge_refresh:
+        edges = edge_mask(x)
       gx = edges * operators.gradient(x.astype(np.float32), vs)
       v = edges / np.sqrt(gx * gx + np.float32(tv_eps))
 
@@ -369,7 +380,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               tv_weight=DEFAULTS["tv_weight"], edge_fraction=DEFAULTS["edge_fraction"],
               reweights=DEFAULTS["reweights"], tv_eps=DEFAULTS["tv_eps"],
               magnitude_edge_fraction=DEFAULTS["magnitude_edge_fraction"],
-              magnitude_weighting=DEFAULTS["magnitude_weighting"], magnitude=None):
+              magnitude_weighting=DEFAULTS["magnitude_weighting"],
+              edge_refresh=DEFAULTS["edge_refresh"], magnitude=None):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -386,6 +398,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     tv_weight, edge_fraction, reweights, tv_eps: the L1 edge prior (module docstring);
       scalars, Python or tensors; ``tv_weight`` 0 gives the quadratic solve.
     magnitude_edge_fraction, magnitude_weighting: the magnitude's uses (`refine_cg`); scalars.
+    edge_refresh: 1 = M_G from the current chi at every step after the first (`refine_cg`).
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
 
@@ -434,18 +447,23 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   x0 = to_grid(chi_net)
   rhs = adjoint(weight * to_grid(field_ppm)) + mu * x0
 
-  def edge_mask():
-    net_edges = _edge_weights_tf(x0, m, voxel_size_mm, edge_fraction)
-    return tf.cond(magnitude_edge_fraction > 0,
-                   lambda: net_edges * _edge_weights_tf(mag, m, voxel_size_mm,
-                                                        magnitude_edge_fraction),
-                   lambda: net_edges)
+  edge_refresh = tf.cast(edge_refresh, tf.int32) > 0
+  # The magnitude's edges do not change between steps: sorted once.
+  mag_edges = tf.cond(tf.logical_and(use_tv, magnitude_edge_fraction > 0),
+                      lambda: _edge_weights_tf(mag, m, voxel_size_mm, magnitude_edge_fraction),
+                      lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
+
+  def edge_mask(chi):
+    return _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction) * mag_edges
 
   # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
-  edges = tf.cond(use_tv, edge_mask,
-                  lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
+  edges0 = tf.cond(use_tv, lambda: edge_mask(x0),
+                   lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
 
   def outer_body(k, x):
+    edges = tf.cond(tf.logical_and(use_tv, tf.logical_and(edge_refresh, k > 0)),
+                    lambda: edge_mask(x), lambda: edges0)
+
     def lagged_weights():
       gx = edges * _gradient_tf(x, voxel_size_mm)
       return edges * tf.math.rsqrt(gx * gx + tv_eps)

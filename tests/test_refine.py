@@ -106,15 +106,22 @@ def test_numpy_and_tf_agree_with_dynamic_shapes(oblique):
 _TV = {"tv_weight": 3e-4, "reweights": 2}
 
 
-def test_edge_prior_numpy_and_tf_agree(oblique):
+_REFRESH = {**_TV, "reweights": 3, "edge_refresh": 1}
+
+
+@pytest.mark.parametrize("params,other,apart", [
+    (_TV, {}, 0.01),                                      # the L1 term vs the quadratic solve
+    (_REFRESH, {**_REFRESH, "edge_refresh": 0}, 1e-3),    # M_G refreshed vs from chi_net
+])
+def test_edge_prior_numpy_and_tf_agree(oblique, params, other, apart):
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
-  want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV)
+  want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
   got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), **_TV).numpy()
+                         np.float32(_VOXEL), **params).numpy()
   assert _rel(got, want, mask) < 1e-4
-  # ... and the L1 term changes the answer (the test can tell the two solves apart).
-  assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE), want, mask) > 0.01
+  # ... and the option changes the answer (the test can tell the two solves apart).
+  assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **other), want, mask) > apart
 
 
 def test_edge_prior_keeps_edges_and_helps_on_piecewise_smooth_chi(oblique):
@@ -124,6 +131,15 @@ def test_edge_prior_keeps_edges_and_helps_on_piecewise_smooth_chi(oblique):
   quadratic = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE)
   edge = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV)
   assert _rel(edge, chi, mask) < _rel(quadratic, chi, mask)
+
+
+def test_edge_refresh_helps_when_the_prior_blurs_the_edges(oblique):
+  """A blurred prior puts its 'edges' beside chi's; the map after one step has sharper ones."""
+  chi, field, mask = oblique
+  prior = (scipy.ndimage.gaussian_filter(chi, 3.0) * mask).astype(np.float32)
+  fixed = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **{**_REFRESH, "edge_refresh": 0})
+  fresh = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_REFRESH)
+  assert _rel(fresh, chi, mask) < _rel(fixed, chi, mask)
 
 
 def test_edge_weights_free_the_strongest_gradients():
