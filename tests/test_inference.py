@@ -395,14 +395,19 @@ def test_reconstruct_options(tiny, options):
     assert info["sliding_window"]["windows"] > 1
 
 
-def test_reconstruct_edge_prior_overrides_match_the_reference(tiny):
-  """refine_tv_weight / refine_reweights reach the TF refinement, which equals the NumPy one."""
+@pytest.mark.parametrize("overrides", [
+    {"tv_weight": 1e-4, "reweights": 2},                                          # L1 prior
+    {"tv_weight": 1e-4, "reweights": 3, "edge_fraction": 0.2, "edge_refresh": 1},  # refreshed M_G
+])
+def test_reconstruct_edge_prior_overrides_match_the_reference(tiny, overrides):
+  """refine_<key> overrides reach the TF refinement, which equals the NumPy one."""
   _, field, mask = _phantom()
   net, _ = inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT), refine="none")
-  chi, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT), progress=False,
-                                           refine_tv_weight=1e-4, refine_reweights=2)
-  assert info["refine"]["tv_weight"] == 1e-4 and info["refine"]["reweights"] == 2
-  want = refine.refine_cg(net, field, mask, tv_weight=1e-4, reweights=2)
+  chi, info = inference.reconstruct_qsmgan(
+      field, mask, model=(tiny, _CONTRACT), progress=False,
+      **{f"refine_{k}": v for k, v in overrides.items()})
+  assert {k: info["refine"][k] for k in overrides} == overrides
+  want = refine.refine_cg(net, field, mask, **overrides)
   np.testing.assert_allclose(chi, want, atol=1e-4 * np.abs(want).max())
 
 
