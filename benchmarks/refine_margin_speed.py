@@ -1,0 +1,30 @@
+r"""Prediction time vs the refinement's FFT margin, side by side in one process.
+
+  mkdir -p runs/speed && python -m data_prep.make_phantom --kind=brain --seed=900106 \
+      --shape=160,192,160 --out_dir=runs/speed
+  python benchmarks/refine_margin_speed.py [runs/speed/brain-900106]
+
+Runs `inference.reconstruct_qsmgan` with the newest shipped model at margins 12 (the shipped
+contract: one call of its in-graph ``predict_volume``), 48 and 32 (the network signature, then
+the traced refinement), twice each, and prints one JSON line per call with its timings. The
+second round is warm (no tracing).
+"""
+import json
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+
+from qsmgan_tf import inference
+
+P = sys.argv[1] if len(sys.argv) > 1 else "runs/speed/brain-900106"
+field = np.asarray(nib.load(f"{P}/field.nii.gz").dataobj, np.float32)
+mask = np.asarray(nib.load(f"{P}/mask.nii.gz").dataobj) > 0
+backend = inference.load_backend(None)
+for margin in (12, 48, 32, 12, 48, 32):
+  t0 = time.perf_counter()
+  chi, info = inference.reconstruct_qsmgan(field, mask, backend=backend, refine_margin=margin,
+                                           progress=False)
+  print(json.dumps({"margin": margin, "seconds": round(time.perf_counter() - t0, 2),
+                    "timings": info.get("seconds")}), flush=True)
