@@ -13,18 +13,21 @@ import json
 import sys
 import time
 
-import nibabel as nib
-import numpy as np
-
 from qsmgan_tf import inference
+from qsmgan_tf import nifti_io
 
-P = sys.argv[1] if len(sys.argv) > 1 else "runs/speed/brain-900106"
-field = np.asarray(nib.load(f"{P}/field.nii.gz").dataobj, np.float32)
-mask = np.asarray(nib.load(f"{P}/mask.nii.gz").dataobj) > 0
-backend = inference.load_backend(None)
-for margin in (12, 48, 32, 12, 48, 32):
-  t0 = time.perf_counter()
-  chi, info = inference.reconstruct_qsmgan(field, mask, backend=backend, refine_margin=margin,
+
+def main(subject: str) -> None:
+  field, _ = nifti_io.load_field(f"{subject}/field.nii.gz")
+  mask = nifti_io.load_mask(f"{subject}/mask.nii.gz", field.shape)
+  backend = inference.load_backend(None)
+  for margin in (12, 48, 32) * 2:
+    t0 = time.perf_counter()
+    _, info = inference.reconstruct_qsmgan(field, mask, backend=backend, refine_margin=margin,
                                            progress=False)
-  print(json.dumps({"margin": margin, "seconds": round(time.perf_counter() - t0, 2),
-                    "timings": info.get("seconds")}), flush=True)
+    print(json.dumps({"margin": margin, "seconds": round(time.perf_counter() - t0, 2),
+                      "timings": info.get("seconds")}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1] if len(sys.argv) > 1 else "runs/speed/brain-900106")

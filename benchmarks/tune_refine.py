@@ -33,8 +33,8 @@ from absl import flags
 import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
-_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude", "margin",
-                                            "edges"],
+_GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
+                                            "margin", "edges"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "

@@ -217,11 +217,12 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   rhs = adjoint(weight * f).astype(np.float64) + mu * x0
   use_tv = tv_weight > 0
 
+  # The magnitude's edges do not change between steps: sorted once.
+  mag_edges = (edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
+               if use_tv and mag is not None and magnitude_edge_fraction > 0 else 1.0)
+
   def edge_mask(chi):
-    edges = edge_weights(chi.astype(np.float32), grid.mask, vs, edge_fraction)
-    if mag is not None and magnitude_edge_fraction > 0:
-      edges = edges * edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
-    return edges
+    return edge_weights(chi.astype(np.float32), grid.mask, vs, edge_fraction) * mag_edges
 
   edges = edge_mask(x0) if use_tv else None
   x = x0.copy()
@@ -449,16 +450,16 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
 
   edge_refresh = tf.cast(edge_refresh, tf.int32) > 0
   # The magnitude's edges do not change between steps: sorted once.
+  no_edges = tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32)
   mag_edges = tf.cond(tf.logical_and(use_tv, magnitude_edge_fraction > 0),
                       lambda: _edge_weights_tf(mag, m, voxel_size_mm, magnitude_edge_fraction),
-                      lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
+                      lambda: no_edges)
 
   def edge_mask(chi):
     return _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction) * mag_edges
 
   # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
-  edges0 = tf.cond(use_tv, lambda: edge_mask(x0),
-                   lambda: tf.ones(tf.concat([[3], tf.shape(x0)], 0), tf.float32))
+  edges0 = tf.cond(use_tv, lambda: edge_mask(x0), lambda: no_edges)
 
   def outer_body(k, x):
     edges = tf.cond(tf.logical_and(use_tv, tf.logical_and(edge_refresh, k > 0)),
