@@ -1198,13 +1198,13 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
   try:
     contract = backend.contract
     geo = network_geometry(contract)
-    params = refine_lib.resolve_params(contract, mu=refine_mu, iterations=refine_iterations,
-                                       margin=refine_margin, tv_weight=refine_tv_weight,
-                                       reweights=refine_reweights,
-                                       edge_fraction=refine_edge_fraction,
-                                       edge_refresh=refine_edge_refresh)
     contract_params = refine_lib.resolve_params(contract)
     try:
+      params = refine_lib.resolve_params(contract, mu=refine_mu, iterations=refine_iterations,
+                                         margin=refine_margin, tv_weight=refine_tv_weight,
+                                         reweights=refine_reweights,
+                                         edge_fraction=refine_edge_fraction,
+                                         edge_refresh=refine_edge_refresh)
       magnitude = refine_lib.check_magnitude(magnitude, mask)
     except ValueError as exc:
       raise InputError(str(exc)) from None

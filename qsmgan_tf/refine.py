@@ -95,12 +95,19 @@ def resolve_params(contract: dict | None = None, **overrides) -> dict:
 
   Returns:
     dict with exactly the keys of `DEFAULTS`, typed like them.
+
+  Raises:
+    ValueError: a value that is not of its parameter's type (e.g. an evaluate spec's
+      ``refine_reweights=x``), named in the message.
   """
   out = dict(DEFAULTS)
   for source in (((contract or {}).get("refine") or {}), overrides):
     for key, value in source.items():
       if key in out and value is not None:
-        out[key] = type(DEFAULTS[key])(value)
+        try:
+          out[key] = type(DEFAULTS[key])(value)
+        except (TypeError, ValueError):
+          raise ValueError(f"refinement parameter {key}: bad value {value!r}") from None
   return out
 
 

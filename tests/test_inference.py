@@ -411,6 +411,12 @@ def test_reconstruct_edge_prior_overrides_match_the_reference(tiny, overrides):
   np.testing.assert_allclose(chi, want, atol=1e-4 * np.abs(want).max())
 
 
+def test_reconstruct_bad_refine_override_is_an_input_error(tiny):
+  _, field, mask = _phantom()
+  with pytest.raises(InputError, match="refinement parameter edge_refresh"):
+    inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT), refine_edge_refresh="x")
+
+
 def test_reconstruct_single_tiles_in_graph_beyond_the_budget(tiny):
   _, field, mask = _phantom()
   want, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT))

@@ -172,6 +172,12 @@ def test_params_resolution_order():
   assert refine.resolve_params(contract, mu=0.5)["iterations"] == 7
 
 
+@pytest.mark.parametrize("key,value", [("reweights", "x"), ("edge_refresh", "yes"), ("mu", [1])])
+def test_bad_parameter_values_are_named(key, value):
+  with pytest.raises(ValueError, match=f"refinement parameter {key}: bad value"):
+    refine.resolve_params(None, **{key: value})
+
+
 @pytest.mark.parametrize("bad", ["lsqr", "CG2"])
 def test_unknown_method_is_rejected(bad):
   with pytest.raises(ValueError, match="unknown refinement"):
