@@ -34,13 +34,15 @@ import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
 _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
-                                            "margin", "edges"],
+                                            "margin", "edges", "correction", "correction2"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
                           "noise weighting to it; 'margin' varies the zero margin of the FFT "
                           "grid around the shipped setting; 'edges' takes the edge mask from "
-                          "the refined map at every step after the first (edge_refresh).")
+                          "the refined map at every step after the first (edge_refresh); 'correction' computes "
+                          "each step's data residual on a larger grid (residual_margin), 'correction2' "
+                          "probes around its best.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -83,8 +85,21 @@ EDGE_SETTINGS = [{**_SHIPPED, "edge_refresh": 0}] + [
     {**_SHIPPED, "edge_refresh": 1, "reweights": rw, "tv_weight": tv, "edge_fraction": ef}
     for rw, tv, ef in ((3, 1e-4, 0.3), (4, 1e-4, 0.3), (3, 2e-4, 0.3), (3, 1e-4, 0.2),
                        (3, 2e-4, 0.2))]
+# The data residual of every reweighting step on a larger grid than the CG steps'
+# (residual_margin, defect correction): most of a large margin's accuracy at a small one's cost.
+CORRECTION_SETTINGS = ([{**_SHIPPED, "margin": 12}, {**_SHIPPED, "margin": 48}]
+                       + [{**_SHIPPED, "residual_margin": rm, "reweights": rw, "iterations": it}
+                          for rm, rw, it in ((48, 3, 15), (32, 3, 15), (64, 3, 15), (48, 4, 15),
+                                             (48, 4, 11))])
+# Round two around the best of CORRECTION_SETTINGS (residual_margin 48, 4 steps of 15).
+_CORRECTED = {**_SHIPPED, "residual_margin": 48, "reweights": 4}
+CORRECTION2_SETTINGS = [{**_CORRECTED, "reweights": rw, "iterations": it} for rw, it in
+                        ((5, 12), (5, 15))] + [
+    {**_CORRECTED, "residual_margin": 32}, {**_CORRECTED, "tv_weight": 2e-4},
+    {**_CORRECTED, "tv_weight": 2e-4, "edge_fraction": 0.2, "edge_refresh": 1}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
-                  "edges": EDGE_SETTINGS}
+                  "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
+                  "correction2": CORRECTION2_SETTINGS}
 
 
 def main(argv):

@@ -40,7 +40,13 @@ Without a magnitude both are ignored.
 Speed: the solve runs on the mask's bounding box padded by ``margin`` voxels a side to a fast
 FFT size, not on a 2x grid (chi is zero outside the mask, so the periodic images of the
 sources are at least ``2 * margin`` voxels away from the mask). BUILD.md quotes the measured
-effect of the margin on accuracy and time.
+effect of the margin on accuracy and time. A larger margin is more physical (a head's field
+does not wrap around) but makes every CG step dearer; ``residual_margin`` buys most of it for
+a few large-grid FFTs: each of the ``reweights`` steps starts from the data residual
+``A^T (W field - A chi)`` computed on the box padded by ``residual_margin``, and only the CG
+steps (the approximate inverse) run on the ``margin`` grid. This is defect correction
+(iterative refinement): its fixed point is the large grid's solution, whatever the small
+grid's error, so enough steps converge to it (tests/test_refine.py).
 
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
@@ -63,7 +69,8 @@ from qsmgan_tf.classical import operators
 
 DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
-            "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0}
+            "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
+            "residual_margin": 0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -178,6 +185,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               magnitude_edge_fraction: float = DEFAULTS["magnitude_edge_fraction"],
               magnitude_weighting: int = DEFAULTS["magnitude_weighting"],
               edge_refresh: int = DEFAULTS["edge_refresh"],
+              residual_margin: int = DEFAULTS["residual_margin"],
               magnitude: np.ndarray | None = None) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -201,6 +209,11 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       docstring); needs ``magnitude``.
     edge_refresh: 1 = take M_G from the current chi at every reweighting step after the
       first (the magnitude's edges, if used, stay); 0 = from chi_net throughout.
+    residual_margin: if larger than ``margin``, the data residual ``A^T (W field - A chi)``
+      that starts each of the ``reweights`` steps (also without the L1 term) is computed on
+      the box padded by this margin, while the CG steps run on the ``margin`` grid: defect
+      correction, converging to the larger grid's solution at the small grid's cost per CG
+      step (module docstring). 0 (or <= margin) = one grid.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
 
   Returns:
@@ -221,8 +234,25 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   vs = grid.voxel_size_mm
   x0 = (grid.to_grid(chi_net) * grid.mask).astype(np.float64)
   f = (grid.to_grid(field_ppm) * grid.mask).astype(np.float32)
-  rhs = adjoint(weight * f).astype(np.float64) + mu * x0
   use_tv = tv_weight > 0
+  corrected = int(residual_margin) > int(margin)
+  # The residual's grid: the CG grid unless residual_margin is larger.
+  grid_r = (operators.Grid(mask, voxel_size_mm, physics.unit_vector(b0_dir), residual_margin)
+            if corrected else grid)
+
+  def to_residual_grid(v):
+    return physics.pad_to(physics.crop_from(v, grid.inner_shape), grid_r.shape)
+
+  def from_residual_grid(v):
+    return physics.pad_to(physics.crop_from(v, grid.inner_shape), grid.shape)
+
+  weight_r = to_residual_grid(weight)
+  forward_r, adjoint_r = _weighted_operator(grid_r, weight_r)
+  weighted_field_r = weight_r * to_residual_grid(f)
+
+  def data_residual(x):  # A^T (W field - A x) on the residual's grid
+    x_r = to_residual_grid(x.astype(np.float32))
+    return from_residual_grid(adjoint_r(weighted_field_r - forward_r(x_r))).astype(np.float64)
 
   # The magnitude's edges do not change between steps: sorted once.
   mag_edges = (edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
@@ -233,22 +263,25 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
 
   edges = edge_mask(x0) if use_tv else None
   x = x0.copy()
-  for step in range(int(reweights) if use_tv else 1):
+  for step in range(max(int(reweights), 1) if use_tv or corrected else 1):
     if use_tv:
       if step > 0 and edge_refresh:
         edges = edge_mask(x)
       gx = edges * operators.gradient(x.astype(np.float32), vs)
       v = edges / np.sqrt(gx * gx + np.float32(tv_eps))
 
-    def normal(y, v=v if use_tv else None):
-      out = adjoint(forward(y)).astype(np.float64) + mu * y
-      if v is not None:
-        yy = (m * y).astype(np.float32)
-        out += tv_weight * (m * -operators.divergence(v * operators.gradient(yy, vs), vs))
-      return out
+    def tv_term(y, v=v if use_tv else None):
+      if v is None:
+        return 0.0
+      yy = (m * y).astype(np.float32)
+      return tv_weight * (m * -operators.divergence(v * operators.gradient(yy, vs), vs))
 
-    # CG for the step delta (started at 0): normal(x + delta) = rhs.
-    r = rhs - normal(x)
+    def normal(y):
+      return adjoint(forward(y)).astype(np.float64) + mu * y + tv_term(y)
+
+    # CG for the step delta (started at 0): normal(delta) = rhs - normal(x), whose data part
+    # comes from the residual's grid (defect correction when that is the larger one).
+    r = data_residual(x) + mu * (x0 - x) - tv_term(x)
     delta = np.zeros_like(x)
     p = r.copy()
     rs = float(np.vdot(r, r))
@@ -389,7 +422,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               reweights=DEFAULTS["reweights"], tv_eps=DEFAULTS["tv_eps"],
               magnitude_edge_fraction=DEFAULTS["magnitude_edge_fraction"],
               magnitude_weighting=DEFAULTS["magnitude_weighting"],
-              edge_refresh=DEFAULTS["edge_refresh"], magnitude=None):
+              edge_refresh=DEFAULTS["edge_refresh"],
+              residual_margin=DEFAULTS["residual_margin"], magnitude=None):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -407,6 +441,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
       scalars, Python or tensors; ``tv_weight`` 0 gives the quadratic solve.
     magnitude_edge_fraction, magnitude_weighting: the magnitude's uses (`refine_cg`); scalars.
     edge_refresh: 1 = M_G from the current chi at every step after the first (`refine_cg`).
+    residual_margin: margin of the grid of each step's data residual (`refine_cg`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
 
@@ -424,12 +459,20 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   tv_weight = tf.cast(tv_weight, tf.float32)
   tv_eps = tf.cast(tv_eps, tf.float32)
   use_tv = tv_weight > 0
-  outer = tf.where(use_tv, tf.maximum(tf.cast(reweights, tf.int32), 1), 1)
+  margin = tf.cast(margin, tf.int32)
+  residual_margin = tf.cast(residual_margin, tf.int32)
+  corrected = residual_margin > margin
+  outer = tf.where(tf.logical_or(use_tv, corrected), tf.maximum(tf.cast(reweights, tf.int32), 1),
+                   1)
   voxel_size_mm = tf.cast(voxel_size_mm, tf.float32)
   grid = physics_tf.fft_shape(size, 1.0, margin)
   kernel = tf.cast(physics_tf.dipole_kernel(grid, voxel_size_mm, b0_dir, rfft=True),
                    tf.complex64)
   m = physics_tf.pad_to(tf.slice(m_full, begin, size), grid)
+  # The residual's grid (the CG grid unless residual_margin is larger).
+  grid_r = physics_tf.fft_shape(size, 1.0, tf.maximum(margin, residual_margin))
+  kernel_r = tf.cast(physics_tf.dipole_kernel(grid_r, voxel_size_mm, b0_dir, rfft=True),
+                     tf.complex64)
 
   def to_grid(v):
     return physics_tf.pad_to(tf.slice(v, begin, size), grid) * m
@@ -452,8 +495,23 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   def adjoint(y):  # A^T y = M D (W y)
     return tf.signal.irfft3d(tf.signal.rfft3d(weight * y) * kernel, fft_length=grid) * m
 
+  def to_residual_grid(v):
+    return physics_tf.pad_to(physics_tf.crop_from(v, size), grid_r)
+
+  def from_residual_grid(v):
+    return physics_tf.pad_to(physics_tf.crop_from(v, size), grid)
+
+  m_r, weight_r = to_residual_grid(m), to_residual_grid(weight)
+  weighted_field_r = weight_r * to_residual_grid(to_grid(field_ppm))
+
+  def data_residual(x):  # A^T (W field - A x) on the residual's grid, as `refine_cg`
+    fwd = tf.signal.irfft3d(tf.signal.rfft3d(m_r * to_residual_grid(x)) * kernel_r,
+                            fft_length=grid_r) * weight_r
+    return from_residual_grid(tf.signal.irfft3d(
+        tf.signal.rfft3d(weight_r * (weighted_field_r - fwd)) * kernel_r, fft_length=grid_r)
+                              * m_r)
+
   x0 = to_grid(chi_net)
-  rhs = adjoint(weight * to_grid(field_ppm)) + mu * x0
 
   edge_refresh = tf.cast(edge_refresh, tf.int32) > 0
   # The magnitude's edges do not change between steps: sorted once.
@@ -478,14 +536,16 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
 
     v = tf.cond(use_tv, lagged_weights, lambda: edges)
 
-    def normal(y):
-      def tv_term():
-        return tv_weight * m * -_divergence_tf(v * _gradient_tf(m * y, voxel_size_mm),
-                                               voxel_size_mm)
-      return adjoint(forward(y)) + mu * y + tf.cond(use_tv, tv_term, lambda: tf.zeros_like(y))
+    def tv_term(y):
+      return tf.cond(use_tv, lambda: tv_weight * m * -_divergence_tf(
+          v * _gradient_tf(m * y, voxel_size_mm), voxel_size_mm), lambda: tf.zeros_like(y))
 
-    # CG for the step delta (started at 0): normal(x + delta) = rhs.
-    r = rhs - normal(x)
+    def normal(y):
+      return adjoint(forward(y)) + mu * y + tv_term(y)
+
+    # CG for the step delta (started at 0): normal(delta) = rhs - normal(x), whose data part
+    # comes from the residual's grid (defect correction when that is the larger one).
+    r = data_residual(x) + mu * (x0 - x) - tv_term(x)
 
     def body(i, delta, r, p, rs):
       ap = normal(p)

@@ -398,6 +398,7 @@ def test_reconstruct_options(tiny, options):
 @pytest.mark.parametrize("overrides", [
     {"tv_weight": 1e-4, "reweights": 2},                                          # L1 prior
     {"tv_weight": 1e-4, "reweights": 3, "edge_fraction": 0.2, "edge_refresh": 1},  # refreshed M_G
+    {"tv_weight": 1e-4, "reweights": 3, "margin": 2, "residual_margin": 10},  # defect correction
 ])
 def test_reconstruct_edge_prior_overrides_match_the_reference(tiny, overrides):
   """refine_<key> overrides reach the TF refinement, which equals the NumPy one."""

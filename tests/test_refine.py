@@ -109,9 +109,15 @@ _TV = {"tv_weight": 3e-4, "reweights": 2}
 _REFRESH = {**_TV, "reweights": 3, "edge_refresh": 1}
 
 
+_CORRECTED = {**_TV, "reweights": 3, "margin": 2, "residual_margin": 12}
+
+
 @pytest.mark.parametrize("params,other,apart", [
     (_TV, {}, 0.01),                                      # the L1 term vs the quadratic solve
     (_REFRESH, {**_REFRESH, "edge_refresh": 0}, 1e-3),    # M_G refreshed vs from chi_net
+    (_CORRECTED, {**_CORRECTED, "residual_margin": 0}, 1e-3),  # defect correction vs one grid
+    ({"margin": 2, "residual_margin": 12, "reweights": 2},  # ... also without the L1 term
+     {"margin": 2, "reweights": 2}, 1e-3),
 ])
 def test_edge_prior_numpy_and_tf_agree(oblique, params, other, apart):
   chi, field, mask = oblique
@@ -122,6 +128,30 @@ def test_edge_prior_numpy_and_tf_agree(oblique, params, other, apart):
   assert _rel(got, want, mask) < 1e-4
   # ... and the option changes the answer (the test can tell the two solves apart).
   assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **other), want, mask) > apart
+
+
+def test_defect_correction_converges_to_the_large_grid_solution(oblique):
+  """Residuals on a margin-16 grid, CG steps on a margin-1 grid: the fixed point is the
+  margin-16 solve's, although the margin-1 solve itself is far from it."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  quadratic = {"mu": 0.05, "tv_weight": 0.0}
+  large = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, margin=16, iterations=300,
+                           **quadratic)
+  small = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, margin=1, iterations=300,
+                           **quadratic)
+  corrected = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, margin=1, iterations=60,
+                               residual_margin=16, reweights=6, **quadratic)
+  assert _rel(small, large, mask) > 0.01
+  assert _rel(corrected, large, mask) < 0.05 * _rel(small, large, mask)
+
+
+def test_residual_margin_no_larger_than_margin_changes_nothing(oblique):
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV)
+  got = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, residual_margin=8, **_TV)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_edge_prior_keeps_edges_and_helps_on_piecewise_smooth_chi(oblique):
