@@ -301,6 +301,37 @@ def load_generator(model_dir, which: str = "best"):
   return keras.saving.load_model(str(path), compile=False)
 
 
+def generator_from_saved_model(path) -> tuple[Any, dict[str, Any]]:
+  """(Keras generator, contract) rebuilt from an exported SavedModel: the architecture from
+  its contract, the weights from its variables, matched by their Keras paths.
+
+  Args:
+    path: a version folder or a model base path (newest version).
+
+  Raises:
+    InputError: no SavedModel there, or one that lacks some of the generator's weights.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
+
+  version = resolve_saved_model(path)
+  contract = read_contract(version / "assets")
+  generator = networks.build_generator(
+      networks.GeneratorConfig.from_dict(inference.generator_config(contract)))
+  loaded = tf.saved_model.load(str(version))
+  saved = {v.name.split(":")[0]: v for v in getattr(loaded, "_all_variables", loaded.variables)}
+  missing = [w.path for w in generator.weights if w.path not in saved
+             or tuple(saved[w.path].shape) != tuple(w.shape)]
+  if missing:
+    raise InputError(f"SavedModel {version} lacks generator weights "
+                     f"({len(missing)} of {len(generator.weights)}, e.g. {missing[0]})")
+  for w in generator.weights:
+    w.assign(saved[w.path].numpy())
+  return generator, contract
+
+
 def parse_refine(text: str | None) -> dict[str, Any]:
   """``'mu=0.001,tv_weight=3e-4'`` -> refinement parameters typed like `refine.DEFAULTS`.
 
@@ -337,6 +368,30 @@ def export_model(model_dir, export_base, version: int | None = None, which: str 
   generator = load_generator(model_dir, which)
   return export_generator(generator, contract, export_base, version,
                           source=f"generator_{which}.keras")
+
+
+def reexport_model(source, export_base, version: int | None = None,
+                   refine_params: dict[str, Any] | None = None) -> pathlib.Path:
+  """Exports an exported model's generator again, with new refinement parameters: the same
+  network, a new contract ``refine`` entry (e.g. re-tuned by ``benchmarks/tune_refine.py``
+  without retraining); the rest of the contract (data, training facts) is kept.
+
+  Args:
+    source: a version folder or a model base path (newest version).
+    export_base, version: as `export_generator`.
+    refine_params: override the source contract's ``refine`` (unset keys keep it, then
+      `refine.DEFAULTS`).
+  """
+  from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
+  source_version = resolve_saved_model(source)
+  check_version(export_base, version)  # fail before the slow part
+  generator, contract = generator_from_saved_model(source_version)
+  contract["refine"] = {**refine.resolve_params(contract), **(refine_params or {})}
+  previous = contract.pop("export", {}) or {}
+  return export_generator(generator, contract, export_base, version,
+                          source=f"re-export of {source_version} (version "
+                                 f"{previous.get('version', '?')}, "
+                                 f"{previous.get('source', 'its generator')})")
 
 
 def load(path) -> tuple[Any, dict[str, Any]]:

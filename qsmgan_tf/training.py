@@ -234,28 +234,6 @@ def build_contract(gen_config: networks.GeneratorConfig, critic_config: networks
   }
 
 
-def _generator_from_saved_model(path: pathlib.Path) -> tuple[keras.Model, dict]:
-  """(generator, contract) rebuilt from an exported SavedModel: the architecture from the
-  contract, the weights from the SavedModel's variables, matched by their Keras paths."""
-  from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
-
-  version = exporting.resolve_saved_model(path)
-  contract = exporting.read_contract(version / "assets")
-  generator = networks.build_generator(
-      networks.GeneratorConfig.from_dict(inference.generator_config(contract)))
-  loaded = tf.saved_model.load(str(version))
-  saved = {v.name.split(":")[0]: v for v in getattr(loaded, "_all_variables", loaded.variables)}
-  missing = [w.path for w in generator.weights if w.path not in saved
-             or tuple(saved[w.path].shape) != tuple(w.shape)]
-  if missing:
-    raise InputError(f"--init_from SavedModel {version} lacks generator weights "
-                     f"({len(missing)} of {len(generator.weights)}, e.g. {missing[0]})")
-  for w in generator.weights:
-    w.assign(saved[w.path].numpy())
-  return generator, contract
-
-
 def _load_init_generator(path: str) -> tuple[keras.Model, dict | None]:
   """(generator, contract or None) from a .keras file, a training model_dir, or an exported
   SavedModel (a version folder or a model base path such as saved_models/qsmgan)."""
@@ -263,7 +241,10 @@ def _load_init_generator(path: str) -> tuple[keras.Model, dict | None]:
   p = pathlib.Path(path)
   contract = None
   if (p / "saved_model.pb").exists() or exporting.list_versions(p):
-    return _generator_from_saved_model(p)
+    try:
+      return exporting.generator_from_saved_model(p)
+    except InputError as exc:
+      raise InputError(f"--init_from {exc}") from None
   if p.is_dir():
     if (p / "contract.json").exists():
       contract = json.loads((p / "contract.json").read_text())

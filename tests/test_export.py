@@ -416,3 +416,30 @@ def test_training_can_start_from_an_exported_model(exported):
     assert contract["input_patch"] == trained_contract["input_patch"]
     for a, b in zip(rebuilt.get_weights(), generator.get_weights()):
       np.testing.assert_array_equal(a, b)
+
+
+def test_reexport_keeps_the_network_and_changes_the_refinement(exported, loaded, tmp_path):
+  """`export --from_model`: the same generator's outputs, the new refine entry, the rest of the
+  contract kept."""
+  path, _, _ = exported
+  base = tmp_path / "base"
+  new = export.reexport_model(path, base, 3, {"residual_margin": 40, "reweights": 4})
+  assert new == base / "3"
+  loaded_new, contract = export.load(new)
+  _, old_contract = loaded
+  assert contract["refine"] == {**old_contract["refine"], "residual_margin": 40, "reweights": 4}
+  assert contract["data_manifest_sha256"] == old_contract["data_manifest_sha256"]
+  assert contract["export"]["version"] == 3 and str(path) in contract["export"]["source"]
+  patch = np.random.default_rng(3).normal(
+      size=(2,) + (old_contract["input_patch"],) * 3 + (1,)).astype(np.float32) * 0.05
+  old_out = loaded[0].signatures["serving_default"](tf.constant(patch))
+  new_out = loaded_new.signatures["serving_default"](tf.constant(patch))
+  for key, value in old_out.items():
+    np.testing.assert_array_equal(new_out[key].numpy(), value.numpy())
+
+
+@pytest.mark.parametrize("sources", [(), ("--model_dir=x", "--from_model=y")])
+def test_export_binary_needs_exactly_one_source(tmp_path, sources):
+  proc = _run_export(*sources, f"--export_base={tmp_path}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "exactly one of --model_dir" in proc.stderr.strip().splitlines()[-1]
