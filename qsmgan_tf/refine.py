@@ -393,13 +393,6 @@ def _gradient_tf(x, voxel_size_mm):
   return tf.stack([(tf.roll(x, -1, axis) - x) * inv[axis] for axis in range(3)])
 
 
-def _divergence_tf(g, voxel_size_mm):
-  """`operators.divergence` in TensorFlow: ``-gradient^T`` (periodic backward differences)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  inv = 1.0 / tf.cast(voxel_size_mm, tf.float32)
-  return tf.add_n([(g[axis] - tf.roll(g[axis], 1, axis)) * inv[axis] for axis in range(3)])
-
-
 def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction):
   """`edge_weights` in TensorFlow (the same linear quantile, computed in float64)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -534,11 +527,21 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
       gx = edges * _gradient_tf(x, voxel_size_mm)
       return edges * tf.math.rsqrt(gx * gx + tv_eps)
 
-    v = tf.cond(use_tv, lagged_weights, lambda: edges)
+    # tv_weight * V / d^2 per axis, folded once per step: the CG steps' L1 term is then
+    # sum_a roll(g_a, 1, a) - g_a, g_a = w_a (roll(y, -1, a) - y): -div(V grad y) in 6 ops an
+    # axis (it costs a third of a CG step, as much as an FFT pair).
+    inv_sq = tv_weight / tf.square(voxel_size_mm)
+    w = tf.cond(use_tv, lagged_weights, lambda: edges) * inv_sq[:, None, None, None]
 
     def tv_term(y):
-      return tf.cond(use_tv, lambda: tv_weight * m * -_divergence_tf(
-          v * _gradient_tf(m * y, voxel_size_mm), voxel_size_mm), lambda: tf.zeros_like(y))
+      def value():
+        ym = m * y
+        out = tf.zeros_like(y)
+        for axis in range(3):
+          g = w[axis] * (tf.roll(ym, -1, axis) - ym)
+          out += tf.roll(g, 1, axis) - g
+        return m * out
+      return tf.cond(use_tv, value, lambda: tf.zeros_like(y))
 
     def normal(y):
       return adjoint(forward(y)) + mu * y + tv_term(y)
