@@ -5,10 +5,11 @@ r"""Prediction time vs the refinement's FFT margins, side by side in one process
   python benchmarks/refine_margin_speed.py [runs/speed/brain-900106]
 
 Runs `inference.reconstruct_qsmgan` with the newest shipped model and its contract's
-refinement (one call of the in-graph ``predict_volume``), then with margins 48 and 32, and
-with margin 12 plus each step's residual on the margin-48 grid (``residual_margin`` 48,
-4 reweighting steps; the network signature, then the traced refinement), twice each, and
-prints one JSON line per call with its timings. The second round is warm (no tracing).
+refinement (one call of the in-graph ``predict_volume``), then with the network signature and
+the traced refinement at: one grid with margins 12, 48 and 32 (3 steps, version 2's
+refinement), and margin 12 with each step's residual on the margin-48 grid (4 steps), twice
+each, and prints one JSON line per call with its timings. The second round is warm (no
+tracing).
 """
 import json
 import sys
@@ -22,8 +23,9 @@ def main(subject: str) -> None:
   field, _ = nifti_io.load_field(f"{subject}/field.nii.gz")
   mask = nifti_io.load_mask(f"{subject}/mask.nii.gz", field.shape)
   backend = inference.load_backend(None)
-  settings = ({}, {"margin": 48}, {"margin": 32},
-              {"margin": 12, "residual_margin": 48, "reweights": 4})
+  one_grid = {"residual_margin": 0, "reweights": 3}
+  settings = ({}, {**one_grid, "margin": 12}, {**one_grid, "margin": 48},
+              {**one_grid, "margin": 32}, {"margin": 12, "residual_margin": 48, "reweights": 4})
   for setting in settings * 2:
     t0 = time.perf_counter()
     _, info = inference.reconstruct_qsmgan(field, mask, backend=backend, progress=False,

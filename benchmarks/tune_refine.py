@@ -14,6 +14,7 @@ lowest mean NRMSE over the phantoms (optionally among those within ``--max_secon
 when the cores are otherwise idle). Record it in the model's contract when exporting:
 ``python -m qsmgan_tf.export ... --refine=mu=...,tv_weight=...,reweights=...``.
 
+``--extended_phantoms`` adds a brain with B0 at 20 deg and one at 1x1x2 mm (seeds 850005-6).
 ``--setting=<setting>`` scores one setting only (to compare generators under one refinement);
 ``--ablate=<setting>`` runs one setting from three priors (the network's map, zero, TKD): with
 a zero prior the edge mask is empty and the solve is a plain TV-regularised inversion, so the
@@ -34,7 +35,8 @@ import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
 _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
-                                            "margin", "edges", "correction", "correction2"],
+                                            "margin", "edges", "correction", "correction2",
+                                            "v3"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -42,13 +44,15 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "grid around the shipped setting; 'edges' takes the edge mask from "
                           "the refined map at every step after the first (edge_refresh); 'correction' computes "
                           "each step's data residual on a larger grid (residual_margin), 'correction2' "
-                          "probes around its best.")
+                          "probes around its best, 'v3' around version 3's contract.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
 _SETTING = flags.DEFINE_string("setting", None, "Instead of a grid: run this one setting "
                                "(key=value,...) from the network's map, e.g. to compare "
                                "generators under the same refinement.")
+_EXTENDED = flags.DEFINE_bool("extended_phantoms", False, "Also tune on the 20 deg and the "
+                              "1x1x2 mm brains (tuning_phantoms.EXTENDED; seeds 850005-6).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Largest refinement time (s, brain) a "
                                   "setting may take to be chosen (0 = no limit; timings are "
                                   "only meaningful on otherwise idle cores).")
@@ -97,9 +101,14 @@ CORRECTION2_SETTINGS = [{**_CORRECTED, "reweights": rw, "iterations": it} for rw
                         ((5, 12), (5, 15))] + [
     {**_CORRECTED, "residual_margin": 32}, {**_CORRECTED, "tv_weight": 2e-4},
     {**_CORRECTED, "tv_weight": 2e-4, "edge_fraction": 0.2, "edge_refresh": 1}]
+# Around version 3's contract, for the extended tuning set (--extended_phantoms): the L1
+# weight, the prior weight and the edge refresh.
+_V3 = {**_SHIPPED, "residual_margin": 48, "reweights": 5}
+V3_SETTINGS = [_V3, {**_V3, "tv_weight": 5e-5}, {**_V3, "tv_weight": 2e-4}, {**_V3, "mu": 3e-5},
+               {**_V3, "tv_weight": 2e-4, "edge_fraction": 0.2, "edge_refresh": 1}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
-                  "correction2": CORRECTION2_SETTINGS}
+                  "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS}
 
 
 def main(argv):
@@ -125,7 +134,7 @@ def main(argv):
     priors = ["network", "zero", "tkd"]
   results = {i: [] for i in range(len(settings))}
   seconds = {i: [] for i in range(len(settings))}
-  for name, sub in tuning_phantoms.subjects():
+  for name, sub in tuning_phantoms.subjects(_EXTENDED.value):
     mask = sub.mask
     net, _ = inference.reconstruct_qsmgan(sub.field_ppm, mask, sub.voxel_size_mm, sub.b0_dir,
                                           backend=backend, refine="none", progress=False)

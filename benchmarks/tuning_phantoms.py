@@ -1,7 +1,8 @@
 """The tuning phantoms shared by the parameter studies (`tune_refine.py`, `tune_classical.py`).
 
 Seeds 850001-850004: a healthy brain, a brain with lesions, a brain with B0 tilted 10 deg, a
-shape phantom, all at SNR 100 with their simulated magnitude. None is in a training set (dataset
+shape phantom, all at SNR 100 with their simulated magnitude; optionally (`EXTENDED`) 850005, a
+brain with B0 tilted 20 deg, and 850006, a brain at 1x1x2 mm. None is in a training set (dataset
 seeds derive subject seeds far below) or in the model card's validation cases (seeds >= 900000),
 so parameters chosen here are not chosen on the cases they are judged on.
 """
@@ -10,17 +11,25 @@ from __future__ import annotations
 
 from typing import Iterator
 
-PHANTOMS = (("brain", 850001, False, (0.0, 0.0, 1.0)), ("brain", 850002, True, (0.0, 0.0, 1.0)),
-            ("brain", 850003, False, (0.1736482, 0.0, 0.9848078)),
-            ("shapes", 850004, False, (0.0, 0.0, 1.0)))
+_Z = (0.0, 0.0, 1.0)
+_ISO = (1.0, 1.0, 1.0)
+PHANTOMS = (("brain", 850001, False, _Z, _ISO), ("brain", 850002, True, _Z, _ISO),
+            ("brain", 850003, False, (0.1736482, 0.0, 0.9848078), _ISO),
+            ("shapes", 850004, False, _Z, _ISO))
+# Two more for the cases the first four do not cover (`subjects(extended=True)`): B0 tilted
+# 20 deg (the validation's oblique case has 20 deg too, another seed and azimuth) and a
+# 1x1x2 mm acquisition.
+EXTENDED = (("brain", 850005, False, (0.0, 0.3420201, 0.9396926), _ISO),
+            ("brain", 850006, False, _Z, (1.0, 1.0, 2.0)))
 
 
-def subjects() -> Iterator[tuple[str, object]]:
-  """``(name, data_prep.simulate.Subject)`` for each tuning phantom, simulated on demand."""
+def subjects(extended: bool = False) -> Iterator[tuple[str, object]]:
+  """``(name, data_prep.simulate.Subject)`` for each tuning phantom (with `EXTENDED` too if
+  asked), simulated on demand."""
   from data_prep import simulate  # pylint: disable=import-outside-toplevel
-  for kind, seed, lesions, b0 in PHANTOMS:
-    yield f"{kind}-{seed}", simulate.simulate_subject(kind, seed, b0_dir=b0, snr=100.0,
-                                                      lesions=lesions)
+  for kind, seed, lesions, b0, voxel in PHANTOMS + (EXTENDED if extended else ()):
+    yield f"{kind}-{seed}", simulate.simulate_subject(kind, seed, voxel_size_mm=voxel, b0_dir=b0,
+                                                      snr=100.0, lesions=lesions)
 
 
 def scores(chi, truth, mask) -> dict[str, float]:
