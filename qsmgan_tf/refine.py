@@ -246,8 +246,8 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   def from_residual_grid(v):
     return physics.pad_to(physics.crop_from(v, grid.inner_shape), grid.shape)
 
-  weight_r = to_residual_grid(weight)
-  forward_r, adjoint_r = _weighted_operator(grid_r, weight_r)
+  weight_r = to_residual_grid(weight) if corrected else weight
+  forward_r, adjoint_r = _weighted_operator(grid_r, weight_r) if corrected else (forward, adjoint)
   weighted_field_r = weight_r * to_residual_grid(f)
 
   def data_residual(x):  # A^T (W field - A x) on the residual's grid
@@ -464,8 +464,9 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   m = physics_tf.pad_to(tf.slice(m_full, begin, size), grid)
   # The residual's grid (the CG grid unless residual_margin is larger).
   grid_r = physics_tf.fft_shape(size, 1.0, tf.maximum(margin, residual_margin))
-  kernel_r = tf.cast(physics_tf.dipole_kernel(grid_r, voxel_size_mm, b0_dir, rfft=True),
-                     tf.complex64)
+  # One kernel when the grids coincide (the default): no second kernel on the same grid.
+  kernel_r = tf.cond(corrected, lambda: tf.cast(physics_tf.dipole_kernel(
+      grid_r, voxel_size_mm, b0_dir, rfft=True), tf.complex64), lambda: kernel)
 
   def to_grid(v):
     return physics_tf.pad_to(tf.slice(v, begin, size), grid) * m
