@@ -36,7 +36,7 @@ import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
 _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
                                             "margin", "edges", "correction", "correction2",
-                                            "v3"],
+                                            "v3", "offset", "offset2"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -44,7 +44,9 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "grid around the shipped setting; 'edges' takes the edge mask from "
                           "the refined map at every step after the first (edge_refresh); 'correction' computes "
                           "each step's data residual on a larger grid (residual_margin), 'correction2' "
-                          "probes around its best, 'v3' around version 3's contract.")
+                          "probes around its best, 'v3' around version 3's contract, 'offset' "
+                          "fits a constant field offset (fit_offset) around it, 'offset2' "
+                          "probes around the best of 'offset'.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -106,9 +108,21 @@ CORRECTION2_SETTINGS = [{**_CORRECTED, "reweights": rw, "iterations": it} for rw
 _V3 = {**_SHIPPED, "residual_margin": 48, "reweights": 5}
 V3_SETTINGS = [_V3, {**_V3, "tv_weight": 5e-5}, {**_V3, "tv_weight": 2e-4}, {**_V3, "mu": 3e-5},
                {**_V3, "tv_weight": 2e-4, "edge_fraction": 0.2, "edge_refresh": 1}]
+# The constant field offset fitted with chi (fit_offset): most of a small grid's model error
+# is a constant over the mask, so it may also make the large residual grid unnecessary.
+_REFRESH = {"tv_weight": 2e-4, "edge_fraction": 0.2, "edge_refresh": 1}
+OFFSET_SETTINGS = [_V3, {**_V3, "fit_offset": 1}, {**_V3, **_REFRESH, "fit_offset": 1},
+                   {**_V3, "fit_offset": 1, "residual_margin": 24},
+                   {**_V3, "fit_offset": 1, "residual_margin": 0},
+                   {**_V3, **_REFRESH, "fit_offset": 1, "residual_margin": 24}]
+# Round two around the best of OFFSET_SETTINGS (edge refresh, offset, residual margin 48).
+_OFFSET = {**_V3, **_REFRESH, "fit_offset": 1}
+OFFSET2_SETTINGS = [_OFFSET, {**_OFFSET, "mu": 3e-5}, {**_OFFSET, "reweights": 4},
+                    {**_OFFSET, "tv_weight": 3e-4}, {**_OFFSET, "edge_fraction": 0.3}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
-                  "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS}
+                  "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
+                  "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS}
 
 
 def main(argv):

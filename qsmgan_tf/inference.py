@@ -1136,6 +1136,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_edge_fraction: float | None = None,
                        refine_edge_refresh: int | None = None,
                        refine_residual_margin: int | None = None,
+                       refine_fit_offset: int | None = None,
                        precision: str = "float32", backend: _Backend | None = None,
                        magnitude=None, rotate_above_deg: float | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -1159,9 +1160,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     threads: TF intra-op threads (before TF initialises only).
     progress: progress bar over windows.
     refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights,
-      refine_edge_fraction, refine_edge_refresh, refine_residual_margin: override
-      ``contract['refine']``
-      (``refine_tv_weight=0`` is the quadratic solve; `refine.DEFAULTS` names them).
+      refine_edge_fraction, refine_edge_refresh, refine_residual_margin, refine_fit_offset:
+      override ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve; `refine.DEFAULTS` names them).
     refine_lam: weight of the 'closed' variant.
     precision: 'float32' or 'bfloat16' (Keras generators only).
     backend: an already loaded back-end (reused across calls; overrides model/server/rest_url).
@@ -1207,7 +1207,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                                          reweights=refine_reweights,
                                          edge_fraction=refine_edge_fraction,
                                          edge_refresh=refine_edge_refresh,
-                                         residual_margin=refine_residual_margin)
+                                         residual_margin=refine_residual_margin,
+                                         fit_offset=refine_fit_offset)
       magnitude = refine_lib.check_magnitude(magnitude, mask)
     except ValueError as exc:
       raise InputError(str(exc)) from None

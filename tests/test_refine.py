@@ -154,6 +154,54 @@ def test_residual_margin_no_larger_than_margin_changes_nothing(oblique):
   np.testing.assert_array_equal(got, want)
 
 
+def test_fitted_offset_ignores_a_constant_field_offset(oblique):
+  """A constant added to the field inside the mask (a background-removal offset) changes
+  nothing when the offset is fitted, with or without the magnitude weighting, in NumPy and TF
+  alike; without the fit it changes the answer."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  offset = (field + 0.3 * np.std(field[mask]) * mask).astype(np.float32)
+  mag = _edge_magnitude(chi, mask)
+
+  def numpy_solve(f, **params):
+    return refine.refine_cg(prior, f, mask, _VOXEL, _OBLIQUE, **_CORRECTED, **params)
+
+  def tf_solve(f, **params):
+    return refine.refine_tf(prior, f, mask.astype(np.float32), np.float32(_OBLIQUE),
+                            np.float32(_VOXEL), **_CORRECTED, **params).numpy()
+
+  for weighting in ({}, {"magnitude_weighting": 1, "magnitude": mag}):
+    want = numpy_solve(field, fit_offset=1, **weighting)
+    assert _rel(numpy_solve(offset, fit_offset=1, **weighting), want, mask) < 1e-4
+    assert _rel(tf_solve(offset, fit_offset=1, **weighting), want, mask) < 1e-4
+  assert _rel(numpy_solve(offset), numpy_solve(field), mask) > 0.01
+  assert _rel(tf_solve(offset), numpy_solve(field), mask) > 0.01
+
+
+def test_fitted_offset_removes_the_small_grid_offset():
+  """On a small FFT grid the field of a flat object with a net source (a head in a box of a
+  few voxels' margin) differs from the 2x grid's (the simulation's) mostly by a constant over
+  the mask: the mean field of the periodic images. Fitting that constant brings the small
+  grid's solve closer to the truth than the same solve without it."""
+  shape, radii = (48, 48, 32), (0.9, 0.9, 0.5)
+  g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+  mask = sum((g[i] / radii[i]) ** 2 for i in range(3)) < 1
+  rng = np.random.default_rng(4)
+  chi = ((scipy.ndimage.gaussian_filter(rng.standard_normal(shape), 2) * 0.3 + 0.1)
+         * mask).astype(np.float32)
+  field = (physics.forward_field(chi, (1, 1, 1), (0, 0, 1)) * mask).astype(np.float32)
+  box = physics.bounding_box(mask)
+  small = physics.forward_field(chi[box], (1, 1, 1), (0, 0, 1), pad_factor=1.0, margin=12)
+  error = (small - field[box])[mask[box]]
+  assert abs(error.mean()) > 2 * np.std(error)  # the small grid's error is mostly an offset
+  prior = _blurred(chi, mask)
+  params = {"margin": 12, "mu": 1e-3, "iterations": 40}
+  demeaned = lambda x: np.where(mask, x - x[mask].mean(), 0.0)
+  errors = [_rel(demeaned(refine.refine_cg(prior, field, mask, fit_offset=fit, **params)),
+                 demeaned(chi), mask) for fit in (0, 1)]
+  assert errors[1] < 0.9 * errors[0]
+
+
 def test_edge_prior_keeps_edges_and_helps_on_piecewise_smooth_chi(oblique):
   """Blobs on a smooth background: the network-edge L1 prior beats the quadratic solve."""
   chi, field, mask = oblique
@@ -181,6 +229,27 @@ def test_edge_weights_free_the_strongest_gradients():
   assert weights[2, :, :, [5, 11]].sum() == 0 and weights[2].sum() == 12 * 12 * 10
   assert weights[:2].all()               # no edge along x or y
   assert refine.edge_weights(x, mask, (1, 1, 1), edge_fraction=0.0).all()
+
+
+@pytest.mark.parametrize("values", [
+    np.abs(np.random.default_rng(2).standard_normal(1001)),          # distinct
+    np.round(np.abs(np.random.default_rng(3).standard_normal(500)), 1),  # many ties and zeros
+    np.zeros(7), np.array([3.5]), np.array([0.0, 1e-30, 1e30])])
+def test_order_statistics_without_sorting_match_a_sort(values):
+  values = values.astype(np.float32)
+  ordered = np.sort(values)
+  for k in sorted({0, len(values) // 3, len(values) - 2, len(values) - 1} - {-1}):
+    got = [float(v) for v in refine._order_statistics_tf(values, k)]  # pylint: disable=protected-access
+    assert got == [ordered[k], ordered[min(k + 1, len(values) - 1)]]
+
+
+def test_tf_edge_weights_match_numpy(oblique):
+  chi, _, mask = oblique
+  for fraction in (0.3, 0.05):
+    want = refine.edge_weights(chi, mask, _VOXEL, fraction)
+    got = refine._edge_weights_tf(chi, mask.astype(np.float32), np.float32(_VOXEL),  # pylint: disable=protected-access
+                                  fraction).numpy()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_tf_residual_matches_numpy(oblique):
