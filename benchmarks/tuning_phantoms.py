@@ -23,13 +23,16 @@ EXTENDED = (("brain", 850005, False, (0.0, 0.3420201, 0.9396926), _ISO),
             ("brain", 850006, False, _Z, (1.0, 1.0, 2.0)))
 
 
-def subjects(extended: bool = False) -> Iterator[tuple[str, object]]:
+def subjects(extended: bool = False,
+             only: set[str] | None = None) -> Iterator[tuple[str, object]]:
   """``(name, data_prep.simulate.Subject)`` for each tuning phantom (with `EXTENDED` too if
-  asked), simulated on demand."""
+  asked; only those named in ``only`` if given), simulated on demand."""
   from data_prep import simulate  # pylint: disable=import-outside-toplevel
   for kind, seed, lesions, b0, voxel in PHANTOMS + (EXTENDED if extended else ()):
-    yield f"{kind}-{seed}", simulate.simulate_subject(kind, seed, voxel_size_mm=voxel, b0_dir=b0,
-                                                      snr=100.0, lesions=lesions)
+    name = f"{kind}-{seed}"
+    if only is None or name in only:
+      yield name, simulate.simulate_subject(kind, seed, voxel_size_mm=voxel, b0_dir=b0,
+                                            snr=100.0, lesions=lesions)
 
 
 def scores(chi, truth, mask) -> dict[str, float]:

@@ -2,8 +2,8 @@ r"""Exports a trained generator as a versioned SavedModel for TF Serving.
 
   python -m qsmgan_tf.export --model_dir=runs/cpu_small --export_base=saved_models/qsmgan \
       [--version=3] [--which=best|final] [--refine=mu=0.001,tv_weight=3e-4,reweights=2]
-  python -m qsmgan_tf.export --from_model=saved_models/qsmgan/3 --export_base=saved_models/qsmgan \
-      --refine=residual_margin=48,reweights=5 --version=4
+  python -m qsmgan_tf.export --from_model=saved_models/qsmgan/4 --export_base=saved_models/qsmgan \
+      --refine=fit_offset=0 --version=5
 
 The second form exports an already exported model's generator again with new refinement
 parameters (no retraining; the rest of its contract is kept).
