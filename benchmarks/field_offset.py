@@ -38,9 +38,8 @@ def offset_errors(chi_ppm, field_ppm, mask, voxel_size_mm, b0_dir, margins):
   box = physics.bounding_box(mask)
   inside = mask[box]
   chi = chi_ppm[box] * inside
-  grid = [int(physics.fft_shape((n,), 1.0, m)[0]) for n, m in zip(chi.shape, margins)]
-  kernel = physics.dipole_kernel(grid, voxel_size_mm, b0_dir, rfft=True)
-  small = physics.crop_from(physics.apply_kernel(physics.pad_to(chi, grid), kernel), chi.shape)
+  small = physics.forward_field(chi, voxel_size_mm, b0_dir, pad_factor=1.0, margin=margins)
+  grid = physics.fft_shape(chi.shape, 1.0, margins)
   error = (small - field_ppm[box])[inside].astype(np.float64)
   scale = float(np.sqrt(np.mean(np.square(field_ppm[box][inside], dtype=np.float64))))
   return {"rms": float(np.sqrt(np.mean(error ** 2))) / scale,

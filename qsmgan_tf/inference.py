@@ -1161,7 +1161,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     progress: progress bar over windows.
     refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights,
       refine_edge_fraction, refine_edge_refresh, refine_residual_margin, refine_fit_offset:
-      override ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve; `refine.DEFAULTS` names them).
+      override ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve;
+      `refine.DEFAULTS` names them).
     refine_lam: weight of the 'closed' variant.
     precision: 'float32' or 'bfloat16' (Keras generators only).
     backend: an already loaded back-end (reused across calls; overrides model/server/rest_url).

@@ -201,11 +201,14 @@ def rotate_volume(volume: np.ndarray, rotation: np.ndarray,
 # --------------------------------------------------------------------------------------
 # FFT grids
 # --------------------------------------------------------------------------------------
-def fft_shape(shape: Sequence[int], factor: float = 1.0, margin: int = 0) -> tuple[int, ...]:
-  """Padded FFT grid: each axis at least ``factor * n`` and ``n + 2 * margin``, fast size."""
+def fft_shape(shape: Sequence[int], factor: float = 1.0,
+              margin: int | Sequence[int] = 0) -> tuple[int, ...]:
+  """Padded FFT grid: each axis at least ``factor * n`` and ``n + 2 * margin``, fast size
+  (``margin``: one number for every axis, or one per axis)."""
+  margins = [margin] * len(shape) if np.ndim(margin) == 0 else list(margin)
   out = []
-  for n in shape:
-    target = max(int(math.ceil(n * factor)), n + 2 * int(margin))
+  for n, m in zip(shape, margins):
+    target = max(int(math.ceil(n * factor)), n + 2 * int(m))
     out.append(scipy.fft.next_fast_len(target, real=True))
   return tuple(out)
 
@@ -325,7 +328,7 @@ def apply_kernel(volume: np.ndarray, kernel_rfft: np.ndarray) -> np.ndarray:
 
 def forward_field(chi_ppm: np.ndarray, voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
                   b0_dir: Sequence[float] = (0.0, 0.0, 1.0), pad_factor: float = 2.0,
-                  margin: int = 0) -> np.ndarray:
+                  margin: int | Sequence[int] = 0) -> np.ndarray:
   """Local field (ppm of B0) of a susceptibility map (ppm): ``F^-1[D . F[chi]]``.
 
   Zero-pads to ``pad_factor`` x the shape (default 2x, for simulation: the FFT is periodic,
@@ -336,7 +339,7 @@ def forward_field(chi_ppm: np.ndarray, voxel_size_mm: Sequence[float] = (1.0, 1.
     voxel_size_mm: voxel size, mm.
     b0_dir: B0 direction in the voxel frame.
     pad_factor: minimum padded size per axis as a multiple of the input size.
-    margin: minimum zero margin per side, voxels.
+    margin: minimum zero margin per side, voxels (one for every axis, or one per axis).
 
   Returns:
     Field in ppm of B0, float32, the input's shape.

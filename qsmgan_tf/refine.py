@@ -184,13 +184,15 @@ def _offset_projection(weight: np.ndarray, fit_offset) -> callable:
 
 
 def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int = 0):
-  """``(A, A^T)`` with ``A x = P W D (M x)`` on the grid: the weighted in-mask field of an
-  in-mask source (``W = M`` gives the symmetric ``M D M``), orthogonal to a constant offset
-  when ``fit_offset`` (`_offset_projection`)."""
+  """``(B, A^T)`` on the grid for ``A = P B``, ``B x = W D (M x)`` (the weighted in-mask field
+  of an in-mask source; ``W = M`` gives the symmetric ``M D M``) and ``P`` the offset
+  projection (`_offset_projection`, the identity unless ``fit_offset``). ``P`` is an
+  orthogonal projection, so ``A^T A = A^T B`` and ``A^T (W field - A x) = A^T (W field - B x)``:
+  the data term needs ``P`` once per product, in ``A^T``."""
   m = grid.mask.astype(np.float32)
   kernel = grid.dipole()
   project = _offset_projection(weight, fit_offset)
-  return (lambda x: project(physics.apply_kernel(m * x, kernel) * weight),
+  return (lambda x: physics.apply_kernel(m * x, kernel) * weight,
           lambda y: physics.apply_kernel(weight * project(y), kernel) * m)
 
 
@@ -440,11 +442,10 @@ def _order_statistics_tf(values, k):
     mid = lo + (hi - lo) // 2
     enough = count_le(mid) >= k + 1
     lo, hi = tf.where(enough, lo, mid + 1), tf.where(enough, mid, hi)
-  b_lo = lo
-  v_lo = tf.bitcast(b_lo, tf.float32)
-  larger = tf.reduce_min(tf.where(bits > b_lo, values, tf.float32.max))
+  v_lo = tf.bitcast(lo, tf.float32)
+  larger = tf.reduce_min(tf.where(bits > lo, values, tf.float32.max))
   last = k + 1 >= tf.size(values)
-  v_hi = tf.where(tf.logical_or(last, count_le(b_lo) >= k + 2), v_lo, larger)
+  v_hi = tf.where(tf.logical_or(last, count_le(lo) >= k + 2), v_lo, larger)
   return v_lo, v_hi
 
 
@@ -548,8 +549,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
 
   project = projection(weight)
 
-  def forward(x):  # A x = P W D (M x), as `_weighted_operator`
-    return project(tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight)
+  def forward(x):  # B x = W D (M x); A = P B, P applied once, in A^T (`_weighted_operator`)
+    return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight
 
   def adjoint(y):  # A^T y = M D (W P y)
     return tf.signal.irfft3d(tf.signal.rfft3d(weight * project(y)) * kernel,

@@ -380,6 +380,8 @@ def test_fft_grid_helpers():
   shape = physics.fft_shape((30, 47, 61), factor=2.0)
   assert all(p >= 2 * n for p, n in zip(shape, (30, 47, 61)))
   assert all(p >= 44 for p in physics.fft_shape((30,) * 3, margin=7))
+  per_axis = physics.fft_shape((30,) * 3, margin=(7, 0, 20))  # e.g. a margin in mm
+  assert per_axis[0] >= 44 and per_axis[1] == physics.fft_shape((30,))[0] and per_axis[2] >= 70
   x = np.random.default_rng(4).normal(size=(5, 6, 7))
   padded = physics.pad_to(x, (9, 10, 11))
   assert padded.shape == (9, 10, 11) and padded.sum() == pytest.approx(x.sum())
