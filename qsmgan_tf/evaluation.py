@@ -29,9 +29,14 @@ COLUMNS = (
     ("PSNR dB", "psnr", "max"),
     ("time s", "seconds", "min"),
 )
+# Columns shown only when some method has the metric, placed before the time column; "one":
+# the best is the value closest to 1 (`benchmarks/real_data.py` adds the contrast slope).
+OPTIONAL_COLUMNS = (
+    ("slope", "slope", "one"),
+)
 _FORMATS = {"nrmse": "{:.2f}", "nrmse_detrend": "{:.2f}", "hfen": "{:.2f}", "xsim": "{:.4f}",
             "correlation": "{:.4f}", "dgm_linearity": "{:.3f}", "psnr": "{:.2f}",
-            "seconds": "{:.2f}"}
+            "seconds": "{:.2f}", "slope": "{:.3f}"}
 QSMGAN = "qsmgan"
 
 
@@ -198,6 +203,17 @@ def _finite_or_none(value):
   return value if math.isfinite(value) else None
 
 
+def _has_number(result: MethodResult, key: str) -> bool:
+  value = result.metrics.get(key)
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def table_columns(results: Sequence[MethodResult]) -> tuple[tuple[str, str, str], ...]:
+  """`COLUMNS` plus the `OPTIONAL_COLUMNS` some result has a number for (before the time)."""
+  extra = tuple(c for c in OPTIONAL_COLUMNS if any(_has_number(r, c[1]) for r in results))
+  return COLUMNS[:-1] + extra + COLUMNS[-1:]
+
+
 def best_per_column(results: Sequence[MethodResult]) -> dict[str, list[str]]:
   """Metrics key -> labels of the best method(s), for keys with any value.
 
@@ -205,12 +221,14 @@ def best_per_column(results: Sequence[MethodResult]) -> dict[str, list[str]]:
   are all marked.
   """
   best = {}
-  for _, key, better in COLUMNS:
+  for _, key, better in table_columns(results):
     values = [(float(_FORMATS[key].format(r.metrics[key])), r.spec.label) for r in results
-              if isinstance(r.metrics.get(key), (int, float))]
+              if _has_number(r, key)]
     if not values:
       continue
-    target = (min if better == "min" else max)(v for v, _ in values)
+    if better == "one":
+      values = [(abs(v - 1.0), label) for v, label in values]
+    target = (max if better == "max" else min)(v for v, _ in values)
     best[key] = [label for v, label in values if v == target]
   return best
 
@@ -218,15 +236,16 @@ def best_per_column(results: Sequence[MethodResult]) -> dict[str, list[str]]:
 def results_table(results: Sequence[MethodResult]) -> str:
   """The markdown table, best value per column in bold, missing values as n/a."""
   best = best_per_column(results)
-  arrows = {"min": "↓", "max": "↑"}
-  header = ["method"] + [f"{h} {arrows[b]}" for h, _, b in COLUMNS]
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS))
+  columns = table_columns(results)
+  arrows = {"min": "↓", "max": "↑", "one": "→1"}
+  header = ["method"] + [f"{h} {arrows[b]}" for h, _, b in columns]
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns))
            + "|"]
   for r in results:
     cells = [r.spec.label.replace("|", "\\|")]
-    for _, key, _ in COLUMNS:
+    for _, key, _ in columns:
       value = r.metrics.get(key)
-      if not isinstance(value, (int, float)):
+      if not _has_number(r, key):
         cells.append("n/a")
         continue
       text = _FORMATS[key].format(value)
@@ -287,7 +306,7 @@ def write_report(out_dir, results: Sequence[MethodResult], truth_ppm, mask, refe
   nifti_io.write_json(out / "results.json", {
       "code_version": qsmgan_tf.__version__,
       "inputs": inputs or {},
-      "columns": [{"header": h, "key": k, "better": b} for h, k, b in COLUMNS],
+      "columns": [{"header": h, "key": k, "better": b} for h, k, b in table_columns(results)],
       "best": best_per_column(results),
       "methods": rows,
       "figure": {"file": "figure.png", "window_ppm": list(window_ppm),

@@ -16,6 +16,9 @@ With a segmentation (QSM-CI labels: 1-6 deep grey nuclei, 7 thalamus, 8 WM, 9 GM
 11 blood, 16 calcification) QSM-CI adds nrmse_tissue, nrmse_blood, nrmse_dgm, dgm_linearity
 (|1 - slope| of the nuclei means), calc_moment_dev and calc_streak, and per-region statistics,
 which `evaluate` returns separately under the key ``'regions'``.
+
+`contrast_slope` (ours, not part of `evaluate`) is the whole-mask counterpart of that slope, for
+data without a segmentation.
 """
 
 from __future__ import annotations
@@ -78,6 +81,31 @@ def psnr(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray) -> float:
   """
   chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean=True)
   return _psnr_prepared(chi, truth, mask)
+
+
+def contrast_slope(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray) -> float:
+  """How much contrast a map keeps: its least-squares slope on the truth over the mask (ours).
+
+  Both maps have their mean over the mask removed; the slope is ``sum(x y) / sum(y y)`` over the
+  mask voxels (1: all the contrast; a map that under-estimates gives less). Unlike QSM-CI's
+  dgm_linearity it needs no segmentation: it weighs every mask voxel. Non-finite map voxels
+  count as 0, as in QSM-CI.
+
+  Args:
+    chi_ppm: reconstruction, ppm.
+    truth_ppm: ground truth, ppm.
+    mask: voxels to use (bool).
+
+  Returns:
+    The slope (dimensionless); NaN when the truth is constant in the mask.
+
+  Raises:
+    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+  """
+  chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean=True)
+  x, y = chi[mask], truth[mask]
+  denominator = float(np.dot(y, y))
+  return float(np.dot(x, y)) / denominator if denominator > 0.0 else math.nan
 
 
 def _psnr_prepared(chi, truth, mask) -> float:
