@@ -36,7 +36,8 @@ import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or generator .keras.")
 _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
                                             "margin", "edges", "correction", "correction2",
-                                            "v3", "offset", "offset2"],
+                                            "v3", "offset", "offset2", "noise",
+                                            "noise2"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -46,7 +47,9 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "each step's data residual on a larger grid (residual_margin), 'correction2' "
                           "probes around its best, 'v3' around version 3's contract, 'offset' "
                           "fits a constant field offset (fit_offset) around it, 'offset2' "
-                          "probes around the best of 'offset'.")
+                          "probes around the best of 'offset'; 'noise' scales mu and the L1 "
+                          "weight by the field's own noise (noise_reference_ppm) over a range "
+                          "of base weights (use with --realistic), 'noise2' above it.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -55,6 +58,9 @@ _SETTING = flags.DEFINE_string("setting", None, "Instead of a grid: run this one
                                "generators under the same refinement.")
 _EXTENDED = flags.DEFINE_bool("extended_phantoms", False, "Also tune on the 20 deg and the "
                               "1x1x2 mm brains (tuning_phantoms.EXTENDED; seeds 850005-6).")
+_REALISTIC = flags.DEFINE_bool("realistic", False, "Tune on the tuning phantoms with the "
+                                "model errors of real data and lower SNR "
+                                "(tuning_phantoms.subjects(realistic=True)).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Largest refinement time (s, brain) a "
                                   "setting may take to be chosen (0 = no limit; timings are "
                                   "only meaningful on otherwise idle cores).")
@@ -119,10 +125,23 @@ OFFSET_SETTINGS = [_V3, {**_V3, "fit_offset": 1}, {**_V3, **_REFRESH, "fit_offse
 _OFFSET = {**_V3, **_REFRESH, "fit_offset": 1}
 OFFSET2_SETTINGS = [_OFFSET, {**_OFFSET, "mu": 3e-5}, {**_OFFSET, "reweights": 4},
                     {**_OFFSET, "tv_weight": 3e-4}, {**_OFFSET, "edge_fraction": 0.3}]
+# The regularisation scaled by each field's own noise estimate (noise_reference_ppm 0.001:
+# mu and tv_weight are the weights at 0.001 ppm of noise; version 4's weights, chosen at SNR 100
+# where the estimate reads ~0.0009, are about the first scaled row), from version 4's L1
+# weight up to 20x it, against version 4 itself (unscaled).
+_NOISE = {**_OFFSET, "mu": 3e-5, "noise_reference_ppm": 0.001}
+NOISE_SETTINGS = ([{**_OFFSET, "mu": 3e-5}]
+                  + [{**_NOISE, "tv_weight": tv} for tv in (2e-4, 5e-4, 1e-3, 2e-3, 4e-3)]
+                  + [{**_NOISE, "tv_weight": 1e-3, "mu": 3e-4}])
+# Round two: the realistic phantoms' best was at the top of NOISE_SETTINGS' L1 weights.
+NOISE2_SETTINGS = ([{**_NOISE, "tv_weight": tv} for tv in (4e-3, 8e-3, 1.6e-2, 3.2e-2)]
+                   + [{**_NOISE, "tv_weight": 8e-3, "mu": 3e-4},
+                      {**_NOISE, "tv_weight": 8e-3, "reweights": 8}])
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
-                  "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS}
+                  "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS,
+                  "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS}
 
 
 def main(argv):
@@ -148,7 +167,9 @@ def main(argv):
     priors = ["network", "zero", "tkd"]
   results = {i: [] for i in range(len(settings))}
   seconds = {i: [] for i in range(len(settings))}
-  for name, sub in tuning_phantoms.subjects(_EXTENDED.value):
+  phantoms = (tuning_phantoms.subjects(_EXTENDED.value, realistic=True) if _REALISTIC.value
+              else tuning_phantoms.subjects(_EXTENDED.value))
+  for name, sub in phantoms:
     mask = sub.mask
     net, _ = inference.reconstruct_qsmgan(sub.field_ppm, mask, sub.voxel_size_mm, sub.b0_dir,
                                           backend=backend, refine="none", progress=False)

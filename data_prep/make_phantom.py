@@ -6,6 +6,8 @@ all; the predict and evaluate CLIs read it like a real subject.
 Example:
   python -m data_prep.make_phantom --kind=brain --seed=7 --out_dir=/tmp/val --lesions \
       --b0_dir=0.2,0,1 --voxel_size_mm=1,1,2 --snr=100 --target=cosmos
+  python -m data_prep.make_phantom --kind=brain --seed=8 --out_dir=/tmp/val --snr=40 \
+      --model_errors=realistic
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ _BACKGROUND_ORDER = flags.DEFINE_integer(
     "background_order", 0, "Degree of a residual background field polynomial (0 = none).")
 _TARGET = flags.DEFINE_enum("target", "chi", ["chi", "cosmos"],
                             "chi.nii.gz holds the true chi or a 3-orientation COSMOS.")
+_MODEL_ERRORS = flags.DEFINE_enum(
+    "model_errors", "none", ["none", "realistic"],
+    "Departures from the dipole model (data_prep.model_errors.ModelErrors): none, or realistic "
+    "levels drawn from --seed (correlated noise, background residuals, WM anisotropy, mask error).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing subject folder.")
 
 
@@ -41,7 +47,8 @@ def main(argv):
   simulate.write_phantom(_KIND.value, _SEED.value, _OUT_DIR.value, subject_id=_SUBJECT_ID.value,
                lesions=_LESIONS.value, b0_dir=_B0_DIR.value, voxel_size_mm=_VOXEL_SIZE.value,
                shape=_SHAPE.value, snr=_SNR.value, background_order=_BACKGROUND_ORDER.value,
-               target=_TARGET.value, overwrite=_OVERWRITE.value)
+               target=_TARGET.value, overwrite=_OVERWRITE.value,
+               model_errors=_MODEL_ERRORS.value)
   return 0
 
 

@@ -21,12 +21,20 @@ a `Subject`, the record every later stage consumes (TFRecord writer, evaluation,
   orientations: the acquisition B0 and B0 tilted by 25 degrees about each of two orthogonal axes,
   each with its own noise, referenced to the truth's mean over the mask.
 
+* optional model errors (`data_prep.model_errors`, off by default): what separates a measured
+  local field from the dipole model of a scalar chi in vivo: spatially correlated noise, residual
+  background from sources just outside the mask (largest at the edge) and a smooth polynomial one,
+  orientation-dependent white-matter frequency shifts, and a given mask a few voxels off the true
+  one. `model_errors.ModelErrors.draw` gives random levels for tuning and training phantoms.
+
 chi, target and field are 0 outside the mask.
 
 Example:
   subject = simulate_subject("brain", seed=7, voxel_size_mm=(1, 1, 2), b0_dir=(0.2, 0, 1),
                              lesions=True, target="cosmos")
   write_subject(subject, "/data/val/brain-00007")
+  errors = model_errors.ModelErrors.draw(np.random.default_rng(8))
+  realistic = simulate_subject("brain", seed=8, snr=40, model_errors=errors)
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.fft
 
+from data_prep import model_errors as model_errors_lib
 from data_prep import phantoms as phantoms_lib
 from data_prep import shapes as shapes_lib
 from qsmgan_tf import nifti_io
@@ -175,30 +184,13 @@ def _dephasing(field_ppm: np.ndarray, voxel_factor: float) -> np.ndarray:
   return atten
 
 
-def _background(mask: np.ndarray, order: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-  """Random polynomial (total degree 1..order) over the mask, std U(0.005, 0.02) ppm."""
-  coords = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in mask.shape]
-  x, y, z = (c.reshape([-1 if a == i else 1 for a in range(3)]) for i, c in enumerate(coords))
-  poly = np.zeros(mask.shape, np.float32)
-  for i in range(order + 1):
-    for j in range(order + 1 - i):
-      for k in range(order + 1 - i - j):
-        if i + j + k == 0:
-          continue
-        poly += np.float32(rng.standard_normal()) * (x**i * y**j * z**k)
-  inside = poly[mask]
-  std = float(inside.std())
-  target = float(rng.uniform(0.005, 0.02))
-  poly = (poly - float(inside.mean())) * np.float32(target / max(std, 1e-12))
-  return np.where(mask, poly, 0.0).astype(np.float32), target
-
-
 def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
                      voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
                      b0_dir: Sequence[float] = (0.0, 0.0, 1.0), snr: float | None = 100.0,
                      lesions: bool = False, background_order: int = 0, target: str = "chi", *,
                      b0_tesla: float = B0_TESLA, te_seconds: float = TE_SECONDS,
-                     subject_id: str | None = None, cosmos_iterations: int = 4) -> Subject:
+                     subject_id: str | None = None, cosmos_iterations: int = 4,
+                     model_errors: model_errors_lib.ModelErrors | None = None) -> Subject:
   """Simulates one subject from a phantom (see the module docstring for the models).
 
   Args:
@@ -215,12 +207,27 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
     te_seconds: echo time for the noise and magnitude models, s.
     subject_id: identifier; default ``<kind>-<seed:05d>``.
     cosmos_iterations: data-consistency iterations of the COSMOS target (`cosmos_masked`).
+    model_errors: departures from the dipole model added to the field
+      (`data_prep.model_errors.ModelErrors`, added by `data_prep.model_errors.apply`); None or
+      all 0 gives the subject without them, array for array. Drawn from their own streams: the
+      phantom, magnitude, white noise, ``background_order`` polynomial and COSMOS target stay
+      those of the subject without errors (the COSMOS target does not see the errors: it is the
+      reference, not a measurement). With a mask error, `Subject.mask` is the adjusted (given)
+      mask: chi, target, seg and field are those of the error-free subject inside it and 0
+      outside; in a dilated rim the field is the true forward field (chi's field exists outside
+      its support) plus white noise at the field noise of the mean magnitude; an eroded rim's chi
+      becomes a source outside the mask, as in vivo.
 
   Returns:
-    A `Subject`; ``components`` holds the noise-free field, the field noise and the background.
+    A `Subject`; ``components`` holds the noise-free field, the field noise and the background;
+    with model errors also ``model_error_ppm`` (their sum), each error on
+    (``correlated_noise_ppm``, ``edge_background_ppm``, ``smooth_background_ppm``,
+    ``anisotropy_ppm``) and, with a mask error, ``true_mask``; ``meta['model_errors']`` records
+    the levels and every drawn value.
 
   Raises:
-    ValueError: unknown kind or target, bad snr, voxel size or direction.
+    ValueError: unknown kind or target, bad snr, voxel size or direction, or a mask error that
+      empties the mask.
   """
   if target not in TARGETS:
     raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
@@ -236,8 +243,12 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
 
   phantom = make_phantom(kind, seed, shape, vox, lesions)
   mask, chi = phantom.mask, phantom.chi_ppm
-  # A separate stream from the phantom's: the anatomy does not change with snr or target.
-  rng = np.random.default_rng([int(seed), 1 + KINDS.index(kind), 7919])
+  errors = model_errors if model_errors is not None and model_errors.active else None
+  given = model_errors_lib.given_mask(mask, errors)  # the mask the reconstruction gets
+  # A separate stream from the phantom's: the anatomy does not change with snr or target. The
+  # model errors draw from their own extensions of ``stream``.
+  stream = [int(seed), 1 + KINDS.index(kind)]
+  rng = np.random.default_rng(stream + [7919])
 
   full_field = physics.forward_field(chi, vox, b0)
   clean = np.where(mask, full_field, 0.0).astype(np.float32)
@@ -264,7 +275,8 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
   magnitude, noise = noise_draw()
   background, background_std = (np.zeros_like(clean), 0.0)
   if background_order > 0:
-    background, background_std = _background(mask, int(background_order), rng)
+    background, background_std = model_errors_lib.polynomial_background(
+        given, int(background_order), rng)
   field = (clean + noise + background).astype(np.float32)
 
   meta: dict[str, Any] = {
@@ -290,12 +302,17 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
     meta["cosmos_iterations"] = int(cosmos_iterations)
   else:
     target_ppm = chi
-  return Subject(
+  subject = Subject(
       subject_id=subject_id or f"{kind}-{int(seed):05d}", chi_ppm=chi, target_ppm=target_ppm,
-      field_ppm=field, mask=mask, magnitude=magnitude, seg=phantom.seg, voxel_size_mm=vox,
+      field_ppm=field, mask=given, magnitude=magnitude, seg=phantom.seg, voxel_size_mm=vox,
       b0_dir=b0, snr=float(snr) if noisy else None, meta=meta,
       components={"clean_field_ppm": clean, "noise_ppm": noise, "background_ppm": background,
                   "clean_magnitude": signal})
+  if errors is None:
+    return subject
+  # Only the mask and background are on the given mask so far; `apply` moves the rest onto it.
+  return model_errors_lib.apply(subject, errors, true_mask=mask, full_field_ppm=full_field,
+                                stream=stream)
 
 
 def subject_affine(shape: Sequence[int], voxel_size_mm: Sequence[float],
@@ -400,8 +417,10 @@ def parse_numbers(text: str, flag: str, cast=float, positive: bool = True) -> tu
 def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None = None,
                  lesions: bool = False, b0_dir: str = "0,0,1", voxel_size_mm: str = "1,1,1",
                  shape: str | None = None, snr: float = 100.0, background_order: int = 0,
-                 target: str = "chi", overwrite: bool = False):
-  """Simulates one subject and writes it; returns the folder (`python -m data_prep.make_phantom`)."""
+                 target: str = "chi", overwrite: bool = False, model_errors: str = "none"):
+  """Simulates one subject and writes it; returns the folder (`python -m data_prep.make_phantom`).
+
+  ``model_errors``: 'none', or 'realistic' for `model_errors.realistic_model_errors` (seed)."""
   b0 = nifti_io.parse_b0_dir(b0_dir)
   vox = parse_numbers(voxel_size_mm, "voxel_size_mm")
   grid = parse_numbers(shape, "shape", int) if shape else None
@@ -409,9 +428,16 @@ def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None 
     raise nifti_io.InputError(f"--snr must be >= 0 (0 = no noise), got {snr}")
   if background_order < 0:
     raise nifti_io.InputError(f"--background_order must be >= 0, got {background_order}")
+  if model_errors not in model_errors_lib.MODEL_ERROR_MODES:
+    raise nifti_io.InputError("--model_errors must be one of "
+                              f"{', '.join(model_errors_lib.MODEL_ERROR_MODES)}, "
+                              f"got {model_errors!r}")
+  errors = (model_errors_lib.realistic_model_errors(seed) if model_errors == "realistic"
+            else None)
   subject = simulate_subject(
       kind, seed, shape=grid, voxel_size_mm=vox, b0_dir=b0, snr=snr if snr > 0 else None,
-      lesions=lesions, background_order=background_order, target=target, subject_id=subject_id)
+      lesions=lesions, background_order=background_order, target=target, subject_id=subject_id,
+      model_errors=errors)
   folder = write_subject(subject, pathlib.Path(out_dir) / subject.subject_id, overwrite)
   _log.info("wrote %s (%s, shape %s, voxel %s mm, B0 %s)", folder, kind,
                subject.field_ppm.shape, vox, b0.round(4).tolist())

@@ -1137,6 +1137,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_edge_refresh: int | None = None,
                        refine_residual_margin: int | None = None,
                        refine_fit_offset: int | None = None,
+                       refine_noise_reference_ppm: float | None = None,
                        precision: str = "float32", backend: _Backend | None = None,
                        magnitude=None, rotate_above_deg: float | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -1160,7 +1161,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     threads: TF intra-op threads (before TF initialises only).
     progress: progress bar over windows.
     refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights,
-      refine_edge_fraction, refine_edge_refresh, refine_residual_margin, refine_fit_offset:
+      refine_edge_fraction, refine_edge_refresh, refine_residual_margin, refine_fit_offset,
+      refine_noise_reference_ppm:
       override ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve;
       `refine.DEFAULTS` names them).
     refine_lam: weight of the 'closed' variant.
@@ -1209,7 +1211,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                                          edge_fraction=refine_edge_fraction,
                                          edge_refresh=refine_edge_refresh,
                                          residual_margin=refine_residual_margin,
-                                         fit_offset=refine_fit_offset)
+                                         fit_offset=refine_fit_offset,
+                                         noise_reference_ppm=refine_noise_reference_ppm)
       magnitude = refine_lib.check_magnitude(magnitude, mask)
     except ValueError as exc:
       raise InputError(str(exc)) from None
@@ -1262,7 +1265,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     if outputs is not None:
       chi = outputs["chi_ppm"]
       timings["network_and_refine_s"] = time.perf_counter() - t0
-      info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": True}
+      info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": True,
+                        **refine_lib.noise_info(field, mask, params)}
       info["residual_before"] = float(outputs["residual_before"])
       info["residual_after"] = float(outputs["residual_after"])
     else:
@@ -1280,7 +1284,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       t1 = time.perf_counter()
       if method == "cg":
         chi = run_refine_tf(chi_net, field, mask, b0, voxel, params, magnitude)
-        info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": False}
+        info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": False,
+                          **refine_lib.noise_info(field, mask, params)}
       elif method == "closed":
         lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)
         chi = refine_lib.refine_closed_form(chi_net, field, mask, voxel, b0, lam,

@@ -56,6 +56,16 @@ fits that constant jointly with chi, ``min_{chi, c} ||W (D chi + c - field)||^2 
 projecting the weighted data residual orthogonally to ``W M`` (``P y = y - u <u, y> / <u, u>``,
 ``u = W M``; the minimum over c in closed form), on both grids.
 
+Real fields are noisier than a clean simulation and carry model errors (background remnants,
+anisotropy, non-white noise): with weights chosen on clean phantoms the solve fits them, and
+they come back as streaks and smooth blobs. ``noise_reference_ppm > 0`` makes the
+regularisation follow the scan: the field's own noise is estimated (`field_noise_ppm`: a robust
+MAD of its Laplacian) and ``mu`` and ``tv_weight`` are multiplied by
+``(noise / noise_reference_ppm)^2`` (`regularisation_scale`), the maximum-a-posteriori
+scaling of a regulariser against a data term with that noise (the data term weighted by
+1/sigma, as MEDI weights it by the magnitude's SNR). ``mu`` and ``tv_weight`` are then the
+weights for a field with ``noise_reference_ppm`` of noise; 0 keeps them as given.
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run
@@ -78,12 +88,14 @@ from qsmgan_tf.classical import operators
 DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
             "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
-            "residual_margin": 0, "fit_offset": 0}
+            "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
 (BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior;
-``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given."""
+``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given;
+``noise_reference_ppm > 0`` scales ``mu`` and ``tv_weight`` by the scan's own noise
+(`regularisation_scale`)."""
 
 def uses_magnitude(params: dict) -> bool:
   """Whether refinement parameters (`resolve_params`) would use a magnitude image."""
@@ -173,6 +185,71 @@ def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Seq
   return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction)
 
 
+_LAPLACIAN_NOISE_GAIN = float(np.sqrt(42.0))
+"""Std of the 6-neighbour Laplacian of unit white noise: sqrt(6 * 1 + 36)."""
+_MAD_TO_STD = 0.6744897501960817
+"""median(|x|) of a unit normal: a MAD divided by it estimates the std."""
+
+
+def _padded_laplacian(volume: np.ndarray) -> np.ndarray:
+  """6-neighbour Laplacian in voxel units with zeros outside the volume (float64)."""
+  v = np.pad(np.asarray(volume, np.float64), 1)
+  lap = -6.0 * v
+  for axis in range(3):
+    lap += np.roll(v, 1, axis) + np.roll(v, -1, axis)
+  return lap[1:-1, 1:-1, 1:-1]
+
+
+def field_noise_ppm(field_ppm: np.ndarray, mask: np.ndarray) -> float:
+  """Robust estimate of the field's white-noise std, ppm, from the field alone.
+
+  ``median |L field| / (0.6745 sqrt(42))`` over the voxels whose six neighbours are all in the
+  mask, L the 6-neighbour Laplacian in voxel units (unit white noise gives a Laplacian of std
+  sqrt(42), whatever the voxel size). The median ignores the field's own sharp structure
+  (veins, lesions); smooth structure leaves a floor: a noise-free simulated 1 mm brain gives
+  ~2.5e-4 ppm, the same brain at SNR 100 ~8.8e-4 (true noise 6.5e-4) and at SNR 30 ~2.3e-3
+  (2.2e-3). Noise correlated between neighbours reads lower than its std: what is estimated is
+  the rough part, the part an inversion amplifies.
+
+  Args:
+    field_ppm: local field, ppm of B0, [X, Y, Z].
+    mask: brain mask (bool, or > 0.5 inside).
+
+  Returns:
+    The estimate, ppm (0.0 when no voxel has all six neighbours in the mask).
+  """
+  mask = np.asarray(mask) > 0.5
+  inner = _padded_laplacian(mask.astype(np.float64)) > -0.5  # all six neighbours inside
+  inner &= mask
+  if not inner.any():
+    return 0.0
+  lap = _padded_laplacian(np.where(mask, field_ppm, 0.0))
+  return float(np.median(np.abs(lap[inner])) / (_MAD_TO_STD * _LAPLACIAN_NOISE_GAIN))
+
+
+def noise_info(field_ppm: np.ndarray, mask: np.ndarray, params: dict) -> dict:
+  """What a sidecar records of the noise scaling that ``params`` (`resolve_params`) ask for:
+  the field's noise estimate, the scale and the weights it gave; {} when it is off."""
+  if not params.get("noise_reference_ppm", 0) > 0:
+    return {}
+  scale, noise = regularisation_scale(field_ppm, mask, params["noise_reference_ppm"])
+  return {"field_noise_ppm": noise, "regularisation_scale": scale,
+          "regularisation_rule":
+              "mu and tv_weight times (field_noise_ppm / noise_reference_ppm)^2",
+          "mu_scaled": params["mu"] * scale, "tv_weight_scaled": params["tv_weight"] * scale}
+
+
+def regularisation_scale(field_ppm: np.ndarray, mask: np.ndarray,
+                         noise_reference_ppm: float) -> tuple[float, float]:
+  """``(scale, noise_ppm)``: the factor on ``mu`` and ``tv_weight`` for this field
+  (``(noise / noise_reference_ppm)^2``, 1 when ``noise_reference_ppm`` is 0) and the noise
+  estimate (`field_noise_ppm`; 0.0 when not asked for)."""
+  if not noise_reference_ppm > 0:
+    return 1.0, 0.0
+  noise = field_noise_ppm(field_ppm, mask)
+  return (noise / float(noise_reference_ppm)) ** 2, noise
+
+
 def _offset_projection(weight: np.ndarray, fit_offset) -> callable:
   """``P y = y - u <u, y> / <u, u>`` with ``u = weight`` (``W M``): the weighted data residual
   with its best constant field offset removed (the identity unless ``fit_offset``)."""
@@ -209,6 +286,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               edge_refresh: int = DEFAULTS["edge_refresh"],
               residual_margin: int = DEFAULTS["residual_margin"],
               fit_offset: int = DEFAULTS["fit_offset"],
+              noise_reference_ppm: float = DEFAULTS["noise_reference_ppm"],
               magnitude: np.ndarray | None = None) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -239,6 +317,9 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       step (module docstring). 0 (or <= margin) = one grid.
     fit_offset: 1 = fit a constant field offset jointly with chi (module docstring): the data
       term ignores the field's in-mask (weighted) mean; 0 = the field is taken as absolute.
+    noise_reference_ppm: > 0 = ``mu`` and ``tv_weight`` are the weights for a field with
+      this much noise (ppm) and are scaled by `regularisation_scale` for this field's own
+      noise (module docstring); 0 = used as given.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
 
   Returns:
@@ -249,6 +330,8 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   """
   chi_net, field_ppm, mask = _check_inputs(chi_net, field_ppm, mask)
   magnitude = check_magnitude(magnitude, mask)
+  scale, _ = regularisation_scale(field_ppm, mask, noise_reference_ppm)
+  mu, tv_weight = mu * scale, tv_weight * scale
   grid = operators.Grid(mask, voxel_size_mm, physics.unit_vector(b0_dir), margin)
   m = grid.mask.astype(np.float32)
   mag = None if magnitude is None else grid.to_grid(magnitude) * m
@@ -395,7 +478,7 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
   else:
     chi = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params,
                     magnitude=magnitude)
-    info = {"method": "cg", **params}
+    info = {"method": "cg", **params, **noise_info(field_ppm, mask, params)}
   info["residual_before"] = before
   info["residual_after"] = field_residual(chi, field_ppm, mask, voxel_size_mm, b0_dir)
   return chi, info
@@ -464,6 +547,42 @@ def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction):
   return tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
 
 
+def _padded_laplacian_tf(volume):
+  """`_padded_laplacian` in TensorFlow (float32)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  v = tf.pad(volume, [[1, 1]] * 3)
+  lap = -6.0 * v
+  for axis in range(3):
+    lap += tf.roll(v, 1, axis) + tf.roll(v, -1, axis)
+  return lap[1:-1, 1:-1, 1:-1]
+
+
+def field_noise_tf(field_ppm, mask):
+  """`field_noise_ppm` in TensorFlow: the exact median by `_order_statistics_tf`; scalar."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  m = tf.cast(tf.cast(mask, tf.float32) > 0.5, tf.float32)
+  inner = tf.logical_and(_padded_laplacian_tf(m) > -0.5, m > 0.5)
+  lap = _padded_laplacian_tf(tf.cast(field_ppm, tf.float32) * m)
+  values = tf.abs(tf.boolean_mask(lap, inner))
+  n = tf.size(values)
+
+  def median():
+    v_lo, v_hi = _order_statistics_tf(values, (n - 1) // 2)
+    return tf.where(n % 2 == 1, v_lo, 0.5 * (v_lo + v_hi))
+
+  value = tf.cond(n > 0, median, lambda: tf.constant(0.0))
+  return value / float(_MAD_TO_STD * _LAPLACIAN_NOISE_GAIN)
+
+
+def regularisation_scale_tf(field_ppm, mask, noise_reference_ppm):
+  """`regularisation_scale`'s factor in TensorFlow (1 when ``noise_reference_ppm`` is 0)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  reference = tf.cast(noise_reference_ppm, tf.float32)
+  return tf.cond(reference > 0,
+                 lambda: tf.square(field_noise_tf(field_ppm, mask) / reference),
+                 lambda: tf.constant(1.0))
+
+
 def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"],
               iterations=DEFAULTS["iterations"], margin=DEFAULTS["margin"],
               tv_weight=DEFAULTS["tv_weight"], edge_fraction=DEFAULTS["edge_fraction"],
@@ -472,7 +591,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               magnitude_weighting=DEFAULTS["magnitude_weighting"],
               edge_refresh=DEFAULTS["edge_refresh"],
               residual_margin=DEFAULTS["residual_margin"], fit_offset=DEFAULTS["fit_offset"],
-              magnitude=None):
+              noise_reference_ppm=DEFAULTS["noise_reference_ppm"], magnitude=None):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -492,6 +611,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     edge_refresh: 1 = M_G from the current chi at every step after the first (`refine_cg`).
     residual_margin: margin of the grid of each step's data residual (`refine_cg`); scalar.
     fit_offset: 1 = fit a constant field offset jointly with chi (`refine_cg`); scalar.
+    noise_reference_ppm: > 0 = scale ``mu`` and ``tv_weight`` by the field's own noise
+      (`regularisation_scale_tf`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
 
@@ -504,9 +625,10 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   chi_net = tf.convert_to_tensor(chi_net, tf.float32)
   field_ppm = tf.convert_to_tensor(field_ppm, tf.float32)
   m_full, begin, size = _tf_crop_box(mask)
-  mu = tf.cast(mu, tf.float32)
+  scale = regularisation_scale_tf(field_ppm, m_full, noise_reference_ppm)
+  mu = tf.cast(mu, tf.float32) * scale
   iterations = tf.cast(iterations, tf.int32)
-  tv_weight = tf.cast(tv_weight, tf.float32)
+  tv_weight = tf.cast(tv_weight, tf.float32) * scale
   tv_eps = tf.cast(tv_eps, tf.float32)
   use_tv = tv_weight > 0
   margin = tf.cast(margin, tf.int32)

@@ -380,3 +380,56 @@ def test_magnitude_params_need_a_magnitude(oblique):
     refine.refine_cg(prior, field, mask, magnitude=np.zeros_like(prior), magnitude_weighting=1)
   with pytest.raises(ValueError, match="magnitude"):
     refine.refine_cg(prior, field, mask, magnitude=np.ones((3, 3, 3)), magnitude_weighting=1)
+
+
+# --------------------------------------------------------------------------------------
+# Regularisation scaled by the field's own noise (noise_reference_ppm)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma", [0.001, 0.004])
+def test_field_noise_recovers_white_noise_on_a_smooth_field(sigma):
+  # A smooth field (its Laplacian ~0) plus white noise of known std: the MAD estimate finds it.
+  rng = np.random.default_rng(3)
+  shape = (40, 44, 36)
+  g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+  mask = (g ** 2).sum(0) < 0.8
+  smooth = 0.02 * np.sin(1.5 * g[0]) * np.cos(g[2])
+  noisy = (smooth + sigma * rng.standard_normal(shape)).astype(np.float32)
+  assert refine.field_noise_ppm(noisy, mask) == pytest.approx(sigma, rel=0.05)
+  # Outside the mask the field does not count (a background-removed field is anything there).
+  wild = np.where(mask, noisy, 100.0 * rng.standard_normal(shape)).astype(np.float32)
+  assert refine.field_noise_ppm(wild, mask) == pytest.approx(refine.field_noise_ppm(noisy, mask))
+
+
+def test_field_noise_tf_matches_numpy(oblique):
+  _, field, mask = oblique
+  for m in (mask, mask & (np.arange(mask.shape[0]) % 7 != 3)[:, None, None]):  # odd, even counts
+    want = refine.field_noise_ppm(field, m)
+    assert float(refine.field_noise_tf(field, m.astype(np.float32))) == pytest.approx(want,
+                                                                                      rel=1e-5)
+  assert float(refine.regularisation_scale_tf(field, mask, 0.0)) == 1.0
+  assert refine.regularisation_scale(field, mask, 0.0) == (1.0, 0.0)
+
+
+def test_noise_reference_scales_both_weights(oblique):
+  # The scaled solve is the plain solve with mu and tv_weight times (noise / reference)^2.
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  noise = refine.field_noise_ppm(field, mask)
+  reference = noise / 3.0
+  scaled = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, noise_reference_ppm=reference,
+                            **_TV)
+  plain = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE,
+                           **{**_TV, "mu": 9.0 * refine.DEFAULTS["mu"],
+                              "tv_weight": 9.0 * _TV["tv_weight"]})
+  assert _rel(scaled, plain, mask) < 1e-5
+  unscaled = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV)
+  assert _rel(scaled, unscaled, mask) > 1e-2
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
+                         np.float32(_VOXEL), noise_reference_ppm=reference, **_TV)
+  assert _rel(got.numpy(), scaled, mask) < 1e-4
+  _, info = refine.refine(prior, field, mask, _VOXEL, _OBLIQUE,
+                          contract={"refine": {"noise_reference_ppm": reference}})
+  assert info["field_noise_ppm"] == pytest.approx(noise)
+  assert info["regularisation_scale"] == pytest.approx(9.0)
+  assert info["mu_scaled"] == pytest.approx(9.0 * refine.DEFAULTS["mu"])
+

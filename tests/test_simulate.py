@@ -1,11 +1,14 @@
-"""Tests for data_prep.simulate: field physics, noise model, background, magnitude, COSMOS."""
+"""Tests for data_prep.simulate: field physics, noise model, background, magnitude, COSMOS,
+the subject without model errors (with them: test_model_errors.py)."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import scipy.ndimage
 
+from data_prep import model_errors
 from data_prep import simulate
 from qsmgan_tf import physics
 
@@ -79,7 +82,7 @@ def test_background_polynomial():
   assert 0.005 <= bg[s.mask].std() <= 0.02 + 1e-6
   np.testing.assert_allclose(s.field_ppm - bg, s.components["clean_field_ppm"], atol=1e-7)
   # A quadratic: its third finite differences vanish inside the volume.
-  full = simulate._background(np.ones(SMALL, bool), 2, np.random.default_rng(0))[0]
+  full = model_errors.polynomial_background(np.ones(SMALL, bool), 2, np.random.default_rng(0))[0]
   assert np.abs(np.diff(full.astype(np.float64), n=3, axis=0)).max() < 1e-5
 
 
@@ -152,3 +155,43 @@ def test_bad_arguments(kwargs, message):
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
     simulate.simulate_subject(**args)
+
+
+def assert_same_subject(a, b):
+  for name in ("chi_ppm", "target_ppm", "field_ppm", "mask", "magnitude", "seg"):
+    x, y = getattr(a, name), getattr(b, name)
+    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
+  assert a.components.keys() == b.components.keys()
+  for name in a.components:
+    assert a.components[name].tobytes() == b.components[name].tobytes(), name
+  assert a.meta == b.meta
+
+
+def test_model_errors_off_is_the_plain_subject():
+  args = dict(kind="shapes", seed=3, shape=SMALL, snr=50.0, background_order=2)
+  plain = simulate.simulate_subject(**args)
+  assert_same_subject(plain, simulate.simulate_subject(**args, model_errors=None))
+  assert_same_subject(plain, simulate.simulate_subject(
+      **args, model_errors=model_errors.ModelErrors()))
+  assert "model_errors" not in plain.meta
+  # Pinned from the simulator before model errors existed: the phantom, white-noise and
+  # background streams are unchanged (update only for a deliberate change of these models).
+  for voxel, field, noise in [((4, 11, 14), -0.0036010672, 0.0019904904),
+                              ((13, 22, 13), -0.0276345517, 0.0003448251),
+                              ((19, 19, 5), -0.0395892523, -0.0028110761)]:
+    assert plain.field_ppm[voxel] == pytest.approx(field, rel=1e-4, abs=1e-9)
+    assert plain.components["noise_ppm"][voxel] == pytest.approx(noise, rel=1e-4, abs=1e-9)
+  assert np.sum(plain.field_ppm.astype(np.float64)**2) == pytest.approx(46.79036, rel=1e-5)
+
+
+def test_write_phantom_realistic(tmp_path):
+  folder = simulate.write_phantom("shapes", 11, str(tmp_path), shape="20,20,16",
+                                  model_errors="realistic")
+  payload = json.loads((folder / simulate.JSON_FILE).read_text())
+  assert payload["meta"]["model_errors"]["levels"] == \
+      model_errors.realistic_model_errors(11).to_json()
+  (tmp_path / "plain").mkdir()
+  plain = simulate.write_phantom("shapes", 11, str(tmp_path / "plain"), shape="20,20,16")
+  assert "model_errors" not in json.loads((plain / simulate.JSON_FILE).read_text())["meta"]
+  with pytest.raises(ValueError, match="--model_errors"):
+    simulate.write_phantom("shapes", 11, str(tmp_path), shape="20,20,16", model_errors="bad")
