@@ -167,9 +167,7 @@ def main(argv):
     priors = ["network", "zero", "tkd"]
   results = {i: [] for i in range(len(settings))}
   seconds = {i: [] for i in range(len(settings))}
-  phantoms = (tuning_phantoms.subjects(_EXTENDED.value, realistic=True) if _REALISTIC.value
-              else tuning_phantoms.subjects(_EXTENDED.value))
-  for name, sub in phantoms:
+  for name, sub in tuning_phantoms.subjects(_EXTENDED.value, realistic=_REALISTIC.value):
     mask = sub.mask
     net, _ = inference.reconstruct_qsmgan(sub.field_ppm, mask, sub.voxel_size_mm, sub.b0_dir,
                                           backend=backend, refine="none", progress=False)

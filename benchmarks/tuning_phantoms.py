@@ -52,13 +52,10 @@ def subjects(extended: bool = False, only: set[str] | None = None,
   for kind, seed, lesions, b0, voxel in PHANTOMS + (EXTENDED if extended else ()):
     name = f"{kind}-{seed}"
     if only is None or name in only:
-      if realistic:
-        yield name, simulate.simulate_subject(
-            kind, seed, voxel_size_mm=voxel, b0_dir=b0, snr=realistic_snr(seed),
-            lesions=lesions, model_errors=model_errors.realistic_model_errors(seed, 1.0))
-      else:
-        yield name, simulate.simulate_subject(kind, seed, voxel_size_mm=voxel, b0_dir=b0,
-                                              snr=100.0, lesions=lesions)
+      yield name, simulate.simulate_subject(
+          kind, seed, voxel_size_mm=voxel, b0_dir=b0,
+          snr=realistic_snr(seed) if realistic else 100.0, lesions=lesions,
+          model_errors=model_errors.realistic_model_errors(seed, 1.0) if realistic else None)
 
 
 def scores(chi, truth, mask) -> dict[str, float]:
