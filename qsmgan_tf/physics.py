@@ -310,6 +310,30 @@ def dipole_kernel(shape: Sequence[int], voxel_size_mm: Sequence[float] = (1.0, 1
   return d.astype(dtype, copy=False)
 
 
+def smv_kernel(shape: Sequence[int], voxel_size_mm: Sequence[float],
+               radius_mm: float) -> np.ndarray:
+  """Half-spectrum transfer function of the spherical mean value (SMV) filter on an FFT grid.
+
+  The normalised sphere of ``radius_mm`` (voxel centres within the radius, periodic offsets),
+  Fourier-transformed (`scipy.fft.rfftn`; real, as the sphere is symmetric). ``1 - S`` removes
+  every harmonic field inside the mask eroded by the radius (mean value property): SHARP's
+  filter, and the data filter of `refine`'s ``smv_radius_mm``.
+
+  Returns:
+    float32 array of the half-spectrum grid's shape, ``S(0) = 1``.
+  """
+  coords = []
+  for axis, (n, d) in enumerate(zip(shape, voxel_size_mm)):
+    offsets = scipy.fft.fftfreq(int(n), d=1.0 / int(n)) * float(d)  # signed periodic, mm
+    view = [1, 1, 1]
+    view[axis] = int(n)
+    coords.append(offsets.reshape(view))
+  sphere = (coords[0]**2 + coords[1]**2 + coords[2]**2 <= float(radius_mm)**2)
+  sphere = sphere.astype(np.float32)
+  sphere /= sphere.sum()
+  return np.real(scipy.fft.rfftn(sphere, workers=-1)).astype(np.float32)
+
+
 def _fftn(x):
   return scipy.fft.rfftn(x, workers=-1)
 

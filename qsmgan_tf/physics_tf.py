@@ -131,6 +131,30 @@ def dipole_kernel(shape, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
   return tf.where(k2 > 0, 1.0 / 3.0 - tf.math.divide_no_nan(kb**2 + nyquist_sq, k2), 0.0)
 
 
+def smv_kernel(shape, voxel_size_mm, radius_mm):
+  """`physics.smv_kernel` in TensorFlow: the SMV filter's half-spectrum transfer function.
+
+  Args:
+    shape: FFT grid shape, int32 tensor [3].
+    voxel_size_mm: voxel size, mm, float tensor [3].
+    radius_mm: sphere radius, mm (scalar).
+
+  Returns:
+    float32 tensor of the half-spectrum grid's shape, ``S(0) = 1``.
+  """
+  shape = tf.convert_to_tensor(shape, tf.int32)
+  voxel = tf.cast(tf.convert_to_tensor(voxel_size_mm), tf.float32)
+  radius_mm = tf.cast(radius_mm, tf.float32)
+  r2 = tf.zeros([1, 1, 1], tf.float32)
+  for axis, view in enumerate(([-1, 1, 1], [1, -1, 1], [1, 1, -1])):
+    # Signed periodic offsets in mm: fftfreq(n, 1/n) * d.
+    offsets = _fftfreq(shape[axis], 1.0) * tf.cast(shape[axis], tf.float32) * voxel[axis]
+    r2 = r2 + tf.reshape(tf.square(offsets), view)
+  sphere = tf.cast(r2 <= tf.square(radius_mm), tf.float32)
+  sphere = sphere / tf.reduce_sum(sphere)
+  return tf.math.real(tf.signal.rfft3d(sphere))
+
+
 def apply_kernel(volume, kernel_rfft):
   """Periodic convolution of a real volume with a real half-spectrum kernel (same grid)."""
   spectrum = tf.signal.rfft3d(volume)

@@ -66,6 +66,16 @@ scaling of a regulariser against a data term with that noise (the data term weig
 1/sigma, as MEDI weights it by the magnitude's SNR). ``mu`` and ``tv_weight`` are then the
 weights for a field with ``noise_reference_ppm`` of noise; 0 keeps them as given.
 
+Background-field removal leaves remnants: harmonic inside the mask, smooth or largest at its
+edge (sources just outside). A dipole solve explains them with susceptibility, as smooth
+blobs near the edge. ``smv_radius_mm > 0`` compares the fields after the spherical-mean-value
+high-pass ``H = 1 - S`` (SHARP's filter, `physics.smv_kernel`) on the mask eroded by the
+sphere, ``||W_e H (D chi - field)||^2`` with ``W_e = W M_e``, as single-step QSM does
+(Chatnuntawech et al., NMR Biomed 2017): there ``H`` removes every harmonic field exactly (mean
+value property), so remnants cannot pull chi; the lowest frequencies of chi, which ``H`` also
+damps, come from the prior (the network) and the voxels within the radius of the edge from the
+prior and the edge term. ``H D`` is one real kernel, so a CG step costs what it did.
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run
@@ -88,14 +98,16 @@ from qsmgan_tf.classical import operators
 DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
             "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
-            "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0}
+            "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
+            "smv_radius_mm": 0.0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
 (BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior;
 ``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given;
 ``noise_reference_ppm > 0`` scales ``mu`` and ``tv_weight`` by the scan's own noise
-(`regularisation_scale`)."""
+(`regularisation_scale`); ``smv_radius_mm > 0`` compares fields after the SMV high-pass
+(background remnants ignored)."""
 
 def uses_magnitude(params: dict) -> bool:
   """Whether refinement parameters (`resolve_params`) would use a magnitude image."""
@@ -188,6 +200,9 @@ def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Seq
 _LAPLACIAN_NOISE_GAIN = float(np.sqrt(42.0))
 """Std of the 6-neighbour Laplacian of unit white noise: sqrt(6 * 1 + 36)."""
 _MAD_TO_STD = 0.6744897501960817
+# A voxel is in the SMV-eroded mask when its sphere's mean of the mask is above this (1 up to
+# float32 FFT rounding, ~1e-6): the whole sphere lies inside the mask.
+_ERODED_MIN = 0.999
 """median(|x|) of a unit normal: a MAD divided by it estimates the std."""
 
 
@@ -260,17 +275,33 @@ def _offset_projection(weight: np.ndarray, fit_offset) -> callable:
   return lambda y: (y - u * (float(np.vdot(u, y)) / uu)).astype(np.float32)
 
 
-def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int = 0):
+def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int = 0,
+                       kernel: np.ndarray | None = None):
   """``(B, A^T)`` on the grid for ``A = P B``, ``B x = W D (M x)`` (the weighted in-mask field
   of an in-mask source; ``W = M`` gives the symmetric ``M D M``) and ``P`` the offset
   projection (`_offset_projection`, the identity unless ``fit_offset``). ``P`` is an
   orthogonal projection, so ``A^T A = A^T B`` and ``A^T (W field - A x) = A^T (W field - B x)``:
-  the data term needs ``P`` once per product, in ``A^T``."""
+  the data term needs ``P`` once per product, in ``A^T``. ``kernel``: the data term's
+  half-spectrum kernel (default the grid's dipole; `_smv_data` gives the filtered one)."""
   m = grid.mask.astype(np.float32)
-  kernel = grid.dipole()
+  kernel = grid.dipole() if kernel is None else kernel
   project = _offset_projection(weight, fit_offset)
   return (lambda x: physics.apply_kernel(m * x, kernel) * weight,
           lambda y: physics.apply_kernel(weight * project(y), kernel) * m)
+
+
+def _smv_data(grid: operators.Grid, radius_mm: float):
+  """``(kernel, eroded, high_pass)`` of the SMV-filtered data term on ``grid``: the dipole
+  times ``H = 1 - S`` (`physics.smv_kernel`), the mask eroded by the sphere (voxels whose
+  sphere lies inside it, where ``H`` removes harmonic fields exactly) and ``H`` itself;
+  ``(dipole, 1, None)`` when ``radius_mm`` is 0."""
+  if not radius_mm > 0:
+    return grid.dipole(), np.float32(1.0), None
+  smv = physics.smv_kernel(grid.shape, grid.voxel_size_mm, radius_mm)
+  inside = physics.apply_kernel(grid.mask.astype(np.float32), smv)
+  eroded = ((inside > _ERODED_MIN) & grid.mask).astype(np.float32)
+  high_pass = (np.float32(1.0) - smv).astype(np.float32)
+  return grid.dipole() * high_pass, eroded, high_pass
 
 
 def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
@@ -287,6 +318,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               residual_margin: int = DEFAULTS["residual_margin"],
               fit_offset: int = DEFAULTS["fit_offset"],
               noise_reference_ppm: float = DEFAULTS["noise_reference_ppm"],
+              smv_radius_mm: float = DEFAULTS["smv_radius_mm"],
               magnitude: np.ndarray | None = None) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -320,6 +352,9 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     noise_reference_ppm: > 0 = ``mu`` and ``tv_weight`` are the weights for a field with
       this much noise (ppm) and are scaled by `regularisation_scale` for this field's own
       noise (module docstring); 0 = used as given.
+    smv_radius_mm: > 0 = the data term compares the SMV-high-passed fields on the mask eroded
+      by this radius, mm (module docstring): harmonic background remnants drop out;
+      0 = the fields themselves on the whole mask.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
 
   Returns:
@@ -338,7 +373,9 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   weight = m
   if mag is not None and magnitude_weighting:
     weight = (mag / mag[grid.mask].mean(dtype=np.float64)).astype(np.float32)
-  forward, adjoint = _weighted_operator(grid, weight, fit_offset)
+  kernel, eroded, high_pass = _smv_data(grid, smv_radius_mm)
+  weight = (weight * eroded).astype(np.float32)
+  forward, adjoint = _weighted_operator(grid, weight, fit_offset, kernel)
   vs = grid.voxel_size_mm
   x0 = (grid.to_grid(chi_net) * grid.mask).astype(np.float64)
   f = (grid.to_grid(field_ppm) * grid.mask).astype(np.float32)
@@ -355,9 +392,14 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     return physics.pad_to(physics.crop_from(v, grid.inner_shape), grid.shape)
 
   weight_r = to_residual_grid(weight) if corrected else weight
-  forward_r, adjoint_r = (_weighted_operator(grid_r, weight_r, fit_offset) if corrected
-                          else (forward, adjoint))
-  weighted_field_r = weight_r * to_residual_grid(f)
+  kernel_r, _, high_pass_r = _smv_data(grid_r, smv_radius_mm) if corrected else (
+      kernel, None, high_pass)
+  forward_r, adjoint_r = (_weighted_operator(grid_r, weight_r, fit_offset, kernel_r)
+                          if corrected else (forward, adjoint))
+  f_r = to_residual_grid(f) if corrected else f
+  if high_pass_r is not None:  # the SMV-filtered field, on the residual's grid
+    f_r = physics.apply_kernel(f_r, high_pass_r).astype(np.float32)
+  weighted_field_r = weight_r * f_r
 
   def data_residual(x):  # A^T (W field - A x) on the residual's grid
     x_r = to_residual_grid(x.astype(np.float32))
@@ -591,7 +633,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               magnitude_weighting=DEFAULTS["magnitude_weighting"],
               edge_refresh=DEFAULTS["edge_refresh"],
               residual_margin=DEFAULTS["residual_margin"], fit_offset=DEFAULTS["fit_offset"],
-              noise_reference_ppm=DEFAULTS["noise_reference_ppm"], magnitude=None):
+              noise_reference_ppm=DEFAULTS["noise_reference_ppm"],
+              smv_radius_mm=DEFAULTS["smv_radius_mm"], magnitude=None):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -613,6 +656,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     fit_offset: 1 = fit a constant field offset jointly with chi (`refine_cg`); scalar.
     noise_reference_ppm: > 0 = scale ``mu`` and ``tv_weight`` by the field's own noise
       (`regularisation_scale_tf`); scalar.
+    smv_radius_mm: > 0 = the SMV-filtered data term (`refine_cg`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
 
@@ -638,14 +682,24 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
                    1)
   voxel_size_mm = tf.cast(voxel_size_mm, tf.float32)
   grid = physics_tf.fft_shape(size, 1.0, margin)
-  kernel = tf.cast(physics_tf.dipole_kernel(grid, voxel_size_mm, b0_dir, rfft=True),
-                   tf.complex64)
   m = physics_tf.pad_to(tf.slice(m_full, begin, size), grid)
+  smv_radius_mm = tf.cast(smv_radius_mm, tf.float32)
+  use_smv = smv_radius_mm > 0
+
+  def high_pass(on_grid):  # `_smv_data`'s H = 1 - S on a grid; 1 without the SMV filter
+    return tf.cond(use_smv, lambda: 1.0 - physics_tf.smv_kernel(on_grid, voxel_size_mm,
+                                                                 smv_radius_mm),
+                   lambda: tf.ones(tf.stack([on_grid[0], on_grid[1], on_grid[2] // 2 + 1])))
+
+  def data_kernel(on_grid):  # `_smv_data`'s kernel: D H
+    return tf.cast(physics_tf.dipole_kernel(on_grid, voxel_size_mm, b0_dir, rfft=True)
+                   * high_pass(on_grid), tf.complex64)
+
+  kernel = data_kernel(grid)
   # The residual's grid (the CG grid unless residual_margin is larger).
   grid_r = physics_tf.fft_shape(size, 1.0, tf.maximum(margin, residual_margin))
   # One kernel when the grids coincide (the default): no second kernel on the same grid.
-  kernel_r = tf.cond(corrected, lambda: tf.cast(physics_tf.dipole_kernel(
-      grid_r, voxel_size_mm, b0_dir, rfft=True), tf.complex64), lambda: kernel)
+  kernel_r = tf.cond(corrected, lambda: data_kernel(grid_r), lambda: kernel)
 
   def to_grid(v):
     return physics_tf.pad_to(tf.slice(v, begin, size), grid) * m
@@ -661,6 +715,13 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   magnitude_edge_fraction = tf.cast(magnitude_edge_fraction, tf.float32)
   weight = tf.where(tf.cast(magnitude_weighting, tf.int32) > 0,
                     mag / (tf.reduce_sum(mag) / tf.reduce_sum(m)), m)
+
+  def eroded():  # `_smv_data`'s eroded mask
+    inside = physics_tf.apply_kernel(m, physics_tf.smv_kernel(grid, voxel_size_mm,
+                                                               smv_radius_mm))
+    return tf.cast(tf.logical_and(inside > _ERODED_MIN, m > 0.5), tf.float32)
+
+  weight = tf.cond(use_smv, lambda: weight * eroded(), lambda: weight)
 
   fit_offset = tf.cast(fit_offset, tf.int32) > 0
 
@@ -685,7 +746,12 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     return physics_tf.pad_to(physics_tf.crop_from(v, size), grid)
 
   m_r, weight_r = to_residual_grid(m), to_residual_grid(weight)
-  weighted_field_r = weight_r * to_residual_grid(to_grid(field_ppm))
+  field_r = to_residual_grid(to_grid(field_ppm))
+  # The SMV-filtered field on the residual's grid (as `refine_cg`).
+  field_r = tf.cond(use_smv, lambda: tf.signal.irfft3d(
+      tf.signal.rfft3d(field_r) * tf.cast(high_pass(grid_r), tf.complex64), fft_length=grid_r),
+                    lambda: field_r)
+  weighted_field_r = weight_r * field_r
   project_r = projection(weight_r)
 
   def data_residual(x):  # A^T (P W field - A x) on the residual's grid, as `refine_cg`

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from qsmgan_tf import nifti_io
+from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
 
 _log = logging.getLogger(__name__)
@@ -48,27 +49,13 @@ def _laplacian(x: np.ndarray, voxel_size_mm: Sequence[float]) -> np.ndarray:
   return operators.divergence(operators.gradient(x, voxel_size_mm), voxel_size_mm)
 
 
-def _smv_symbol(grid: operators.Grid, radius_mm: float) -> np.ndarray:
-  """Half-spectrum transfer function of a normalised sphere of radius_mm (real, float32)."""
-  coords = []
-  for axis, (n, d) in enumerate(zip(grid.shape, grid.voxel_size_mm)):
-    c = np.fft.fftfreq(n, d=1.0 / n) * d  # signed periodic offsets, mm
-    view = [1, 1, 1]
-    view[axis] = n
-    coords.append(c.reshape(view))
-  r2 = coords[0]**2 + coords[1]**2 + coords[2]**2
-  sphere = (r2 <= radius_mm**2).astype(np.float32)
-  sphere /= sphere.sum()
-  return np.real(grid.fft(sphere)).astype(np.float32)
-
-
 def _fast_qsm(grid, field_g, gmask, d, params) -> np.ndarray:
   """Step 2: streak-poor, blurred chi estimate with TKD-matched scale (on the grid)."""
   f_k = grid.fft(field_g)
   dn = np.abs(d) ** np.float32(params["kspace_power"])
   lo, hi = np.percentile(dn[dn > 1e-20], params["kspace_pct"])
   wk = np.clip((dn - lo) / max(float(hi - lo), 1e-30), 0.0, 1.0).astype(np.float32)
-  filt = wk + (1.0 - wk) * _smv_symbol(grid, params["smv_radius_mm"])
+  filt = wk + (1.0 - wk) * physics.smv_kernel(grid.shape, grid.voxel_size_mm, params["smv_radius_mm"])
   x = grid.ifft(np.sign(d) * f_k * filt) * gmask
   x = grid.ifft(grid.fft(x) * filt) * gmask
   t = np.float32(params["tkd_threshold"])
