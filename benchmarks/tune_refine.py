@@ -37,7 +37,7 @@ _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or genera
 _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
                                             "margin", "edges", "correction", "correction2",
                                             "v3", "offset", "offset2", "noise",
-                                            "noise2"],
+                                            "noise2", "background"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -49,7 +49,9 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "fits a constant field offset (fit_offset) around it, 'offset2' "
                           "probes around the best of 'offset'; 'noise' scales mu and the L1 "
                           "weight by the field's own noise (noise_reference_ppm) over a range "
-                          "of base weights (use with --realistic), 'noise2' above it.")
+                          "of base weights (use with --realistic), 'noise2' above it; 'background' "
+                          "fits a polynomial background (fit_offset 3-4) and/or filters the "
+                          "data term by SMV (smv_radius_mm) around version 4's contract.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -137,11 +139,20 @@ NOISE_SETTINGS = ([{**_OFFSET, "mu": 3e-5}]
 NOISE2_SETTINGS = ([{**_NOISE, "tv_weight": tv} for tv in (4e-3, 8e-3, 1.6e-2, 3.2e-2)]
                    + [{**_NOISE, "tv_weight": 8e-3, "mu": 3e-4},
                       {**_NOISE, "tv_weight": 8e-3, "reweights": 8}])
+# Background remnants: a polynomial background fitted with chi (fit_offset 3: up to quadratic,
+# 4: cubic) and the SMV-filtered data term (smv_radius_mm), around version 4's contract.
+_V4 = {**_OFFSET, "mu": 3e-5}
+BACKGROUND_SETTINGS = [_V4, {**_V4, "fit_offset": 3}, {**_V4, "fit_offset": 4},
+                       {**_V4, "fit_offset": 3, "tv_weight": 1e-3},
+                       {**_V4, "fit_offset": 3, "tv_weight": 1e-3, "noise_reference_ppm": 0.001},
+                       {**_V4, "fit_offset": 3, "tv_weight": 1e-3, "smv_radius_mm": 3.0},
+                       {**_V4, "tv_weight": 1e-3, "smv_radius_mm": 3.0}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
                   "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS,
-                  "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS}
+                  "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS,
+                  "background": BACKGROUND_SETTINGS}
 
 
 def main(argv):

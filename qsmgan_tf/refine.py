@@ -54,7 +54,11 @@ images, which depends on the cell's shape in mm: on a 1x1x2 mm grid it is most o
 term's model error, at 1 mm a small part, BUILD.md "The field offset"). ``fit_offset = 1``
 fits that constant jointly with chi, ``min_{chi, c} ||W (D chi + c - field)||^2 + ...``, by
 projecting the weighted data residual orthogonally to ``W M`` (``P y = y - u <u, y> / <u, u>``,
-``u = W M``; the minimum over c in closed form), on both grids.
+``u = W M``; the minimum over c in closed form), on both grids. ``fit_offset = n > 1`` fits a
+polynomial of degree ``n - 1`` the same way (``P y = y - Q Q^T y``, ``Q`` an orthonormal basis
+of ``W`` times the monomials, mm coordinates): background-removal remnants that are smooth over
+the head (a linear or quadratic field) are then not explained by chi either, at the cost of the
+tissue field's own projection on those few terms, which the prior supplies.
 
 Real fields are noisier than a clean simulation and carry model errors (background remnants,
 anisotropy, non-white noise): with weights chosen on clean phantoms the solve fits them, and
@@ -109,6 +113,10 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 (`regularisation_scale`); ``smv_radius_mm > 0`` compares fields after the SMV high-pass
 (background remnants ignored)."""
 
+MAX_FIT_OFFSET = 4
+"""Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
+
+
 def uses_magnitude(params: dict) -> bool:
   """Whether refinement parameters (`resolve_params`) would use a magnitude image."""
   return ((params["tv_weight"] > 0 and params["magnitude_edge_fraction"] > 0)
@@ -147,6 +155,9 @@ def resolve_params(contract: dict | None = None, **overrides) -> dict:
           out[key] = type(DEFAULTS[key])(value)
         except (TypeError, ValueError):
           raise ValueError(f"refinement parameter {key}: bad value {value!r}") from None
+  if not 0 <= out["fit_offset"] <= MAX_FIT_OFFSET:
+    raise ValueError(f"refinement parameter fit_offset: {out['fit_offset']} is not in "
+                     f"0..{MAX_FIT_OFFSET}")
   return out
 
 
@@ -265,14 +276,41 @@ def regularisation_scale(field_ppm: np.ndarray, mask: np.ndarray,
   return (noise / float(noise_reference_ppm)) ** 2, noise
 
 
-def _offset_projection(weight: np.ndarray, fit_offset) -> callable:
-  """``P y = y - u <u, y> / <u, u>`` with ``u = weight`` (``W M``): the weighted data residual
-  with its best constant field offset removed (the identity unless ``fit_offset``)."""
-  if not fit_offset:
+_POLY_SCALE_MM = 100.0
+"""Length unit of the background polynomials' coordinates (conditioning only: the span, so the
+projection, does not depend on it)."""
+
+
+def _monomial_exponents(fit_offset) -> list[tuple[int, int, int]]:
+  """``(i, j, k)`` of the monomials ``x^i y^j z^k`` of degree < ``fit_offset``, degree order."""
+  return [(i, j, d - i - j) for d in range(int(fit_offset)) for i in range(d, -1, -1)
+          for j in range(d - i, -1, -1)]
+
+
+def _offset_projection(weight: np.ndarray, fit_offset,
+                       voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> callable:
+  """``P y = y - Q Q^T y``, ``Q`` an orthonormal basis of ``W p`` over the polynomials ``p`` of
+  degree < ``fit_offset`` (``W = weight``; ``fit_offset = 1``: the constant, ``P y = y - u <u, y> /
+  <u, u>`` with ``u = W``): the weighted data residual with its best-fitting polynomial field
+  removed (the identity unless ``fit_offset``). Coordinates in mm about the grid's centre."""
+  if not int(fit_offset) > 0:
     return lambda y: y
-  u = weight.astype(np.float64)
-  uu = float(np.vdot(u, u))
-  return lambda y: (y - u * (float(np.vdot(u, y)) / uu)).astype(np.float32)
+  if int(fit_offset) > MAX_FIT_OFFSET:
+    raise ValueError(f"fit_offset must be 0..{MAX_FIT_OFFSET}, got {fit_offset}")
+  flat = np.flatnonzero(weight)
+  coords = [(c - 0.5 * (n - 1)) * (float(v) / _POLY_SCALE_MM)
+            for c, n, v in zip(np.unravel_index(flat, weight.shape), weight.shape, voxel_size_mm)]
+  w = weight.ravel()[flat].astype(np.float64)
+  basis = np.stack([w * coords[0] ** i * coords[1] ** j * coords[2] ** k
+                    for i, j, k in _monomial_exponents(fit_offset)], axis=1)
+  q = np.linalg.qr(basis)[0]
+
+  def project(y):
+    out = np.array(y, np.float32, copy=True)
+    values = out.ravel()[flat].astype(np.float64)
+    out.ravel()[flat] = (values - q @ (q.T @ values)).astype(np.float32)
+    return out
+  return project
 
 
 def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int = 0,
@@ -285,7 +323,7 @@ def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int
   half-spectrum kernel (default the grid's dipole; `_smv_data` gives the filtered one)."""
   m = grid.mask.astype(np.float32)
   kernel = grid.dipole() if kernel is None else kernel
-  project = _offset_projection(weight, fit_offset)
+  project = _offset_projection(weight, fit_offset, grid.voxel_size_mm)
   return (lambda x: physics.apply_kernel(m * x, kernel) * weight,
           lambda y: physics.apply_kernel(weight * project(y), kernel) * m)
 
@@ -347,8 +385,10 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       the box padded by this margin, while the CG steps run on the ``margin`` grid: defect
       correction, converging to the larger grid's solution at the small grid's cost per CG
       step (module docstring). 0 (or <= margin) = one grid.
-    fit_offset: 1 = fit a constant field offset jointly with chi (module docstring): the data
-      term ignores the field's in-mask (weighted) mean; 0 = the field is taken as absolute.
+    fit_offset: n > 0 = fit a polynomial field of degree < n jointly with chi (module
+      docstring): 1 a constant offset (the data term ignores the field's in-mask weighted
+      mean), 2 also linear, 3 also quadratic background remnants (up to `MAX_FIT_OFFSET`);
+      0 = the field is taken as absolute.
     noise_reference_ppm: > 0 = ``mu`` and ``tv_weight`` are the weights for a field with
       this much noise (ppm) and are scaled by `regularisation_scale` for this field's own
       noise (module docstring); 0 = used as given.
@@ -653,7 +693,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     magnitude_edge_fraction, magnitude_weighting: the magnitude's uses (`refine_cg`); scalars.
     edge_refresh: 1 = M_G from the current chi at every step after the first (`refine_cg`).
     residual_margin: margin of the grid of each step's data residual (`refine_cg`); scalar.
-    fit_offset: 1 = fit a constant field offset jointly with chi (`refine_cg`); scalar.
+    fit_offset: n > 0 = fit a polynomial field of degree < n jointly with chi (`refine_cg`);
+      scalar, at most `MAX_FIT_OFFSET`.
     noise_reference_ppm: > 0 = scale ``mu`` and ``tv_weight`` by the field's own noise
       (`regularisation_scale_tf`); scalar.
     smv_radius_mm: > 0 = the SMV-filtered data term (`refine_cg`); scalar.
@@ -723,12 +764,32 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
 
   weight = tf.cond(use_smv, lambda: weight * eroded(), lambda: weight)
 
-  fit_offset = tf.cast(fit_offset, tf.int32) > 0
+  fit_offset = tf.clip_by_value(tf.cast(fit_offset, tf.int32), 0, MAX_FIT_OFFSET)
+  exponents = tf.constant(_monomial_exponents(MAX_FIT_OFFSET), tf.float32)  # [terms, 3]
+  degrees = tf.reduce_sum(exponents, axis=1)
 
   def projection(u):  # `_offset_projection`: the identity unless fit_offset
-    inv_uu = tf.math.divide_no_nan(1.0, dot(u, u))
-    # tf.cond: no reductions per CG step when the offset is not fitted.
-    return lambda y: tf.cond(fit_offset, lambda: y - u * (dot(u, y) * inv_uu), lambda: y)
+    def basis():  # Q on u's support, and the support's indices
+      where = tf.where(u != 0)
+      centre = 0.5 * (tf.cast(tf.shape(u), tf.float32) - 1.0)
+      coords = ((tf.cast(where, tf.float32) - centre) * voxel_size_mm) / _POLY_SCALE_MM
+      powers = tf.reduce_prod(tf.pow(coords[:, None, :], exponents[None]), axis=2)
+      terms = tf.boolean_mask(powers, degrees < tf.cast(fit_offset, tf.float32), axis=1)
+      # float64 as in `refine_cg`: in float32 Q is orthogonal to ~1e-4 only and Q^T y sums
+      # ~1e6 voxels, while P must remove a background many times the tissue field's size.
+      weighted = tf.cast(terms * tf.gather_nd(u, where)[:, None], tf.float64)
+      return tf.linalg.qr(weighted)[0], where
+
+    # tf.cond: no basis, and no reductions per CG step, when no background is fitted.
+    q, where = tf.cond(fit_offset > 0, basis,
+                       lambda: (tf.zeros([0, 0], tf.float64), tf.zeros([0, 3], tf.int64)))
+
+    def fitted(y):
+      values = tf.cast(tf.gather_nd(y, where), tf.float64)
+      coefficients = tf.linalg.matvec(q, values, transpose_a=True)
+      return tf.tensor_scatter_nd_sub(y, where,
+                                      tf.cast(tf.linalg.matvec(q, coefficients), tf.float32))
+    return lambda y: tf.cond(fit_offset > 0, lambda: fitted(y), lambda: y)
 
   project = projection(weight)
 

@@ -179,6 +179,39 @@ def test_fitted_offset_ignores_a_constant_field_offset(oblique):
   assert _rel(tf_solve(offset), numpy_solve(field), mask) > 0.01
 
 
+def test_fitted_polynomial_ignores_a_quadratic_background(oblique):
+  """fit_offset = 3 fits a field of degree < 3: a ramp plus a saddle added to the field (smooth
+  background remnants) changes nothing, with or without the magnitude weighting, in NumPy and
+  TF alike, on two grids; the constant fit alone (fit_offset = 1) is fooled by it."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  spoiled = field + _harmonic_background(mask, _VOXEL)
+  mag = _edge_magnitude(chi, mask)
+
+  def numpy_solve(f, **params):
+    return refine.refine_cg(prior, f, mask, _VOXEL, _OBLIQUE, **_CORRECTED, **params)
+
+  def tf_solve(f, **params):
+    return refine.refine_tf(prior, f, mask.astype(np.float32), np.float32(_OBLIQUE),
+                            np.float32(_VOXEL), **_CORRECTED, **params).numpy()
+
+  for weighting in ({}, {"magnitude_weighting": 1, "magnitude": mag}):
+    want = numpy_solve(field, fit_offset=3, **weighting)
+    assert _rel(numpy_solve(spoiled, fit_offset=3, **weighting), want, mask) < 1e-4
+    assert _rel(tf_solve(spoiled, fit_offset=3, **weighting), want, mask) < 1e-4
+  assert _rel(numpy_solve(spoiled, fit_offset=1), numpy_solve(field, fit_offset=1), mask) > 0.01
+  # A cubic fit differs from the quadratic one (the basis grows with fit_offset), TF as NumPy.
+  cubic = numpy_solve(field, fit_offset=4)
+  assert _rel(cubic, numpy_solve(field, fit_offset=3), mask) > 1e-4
+  assert _rel(tf_solve(field, fit_offset=4), cubic, mask) < 1e-4
+
+
+def test_fit_offset_above_the_largest_degree_is_refused(oblique):
+  chi, field, mask = oblique
+  with pytest.raises(ValueError, match="fit_offset"):
+    refine.refine_cg(chi, field, mask, _VOXEL, _OBLIQUE, fit_offset=refine.MAX_FIT_OFFSET + 1)
+
+
 def test_fitted_offset_removes_the_small_grid_offset():
   """On a small FFT grid the field of a flat object with a net source (a head in a box of a
   few voxels' margin) differs from the 2x grid's (the simulation's) mostly by a constant over
@@ -276,6 +309,12 @@ def test_params_resolution_order():
 def test_bad_parameter_values_are_named(key, value):
   with pytest.raises(ValueError, match=f"refinement parameter {key}: bad value"):
     refine.resolve_params(None, **{key: value})
+
+
+@pytest.mark.parametrize("value", [-1, refine.MAX_FIT_OFFSET + 1])
+def test_fit_offset_out_of_range_is_named(value):
+  with pytest.raises(ValueError, match="refinement parameter fit_offset"):
+    refine.resolve_params(None, fit_offset=value)
 
 
 @pytest.mark.parametrize("bad", ["lsqr", "CG2"])
