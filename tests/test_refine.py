@@ -155,13 +155,16 @@ def test_residual_margin_no_larger_than_margin_changes_nothing(oblique):
   np.testing.assert_array_equal(got, want)
 
 
-def test_fitted_offset_ignores_a_constant_field_offset(oblique):
-  """A constant added to the field inside the mask (a background-removal offset) changes
-  nothing when the offset is fitted, with or without the magnitude weighting, in NumPy and TF
-  alike; without the fit it changes the answer."""
+@pytest.mark.parametrize("fit_offset", [1, 3])
+def test_fitted_background_is_ignored(oblique, fit_offset):
+  """What the fitted polynomial spans, added to the field inside the mask, changes nothing, with
+  or without the magnitude weighting, in NumPy and TF alike, on two grids: a constant (a
+  background-removal offset) for fit_offset = 1, a ramp plus a saddle (smooth background
+  remnants) for 3. A fit of lower degree is fooled by it."""
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
-  offset = (field + 0.3 * np.std(field[mask]) * mask).astype(np.float32)
+  spoiled = (field + (0.3 * np.std(field[mask]) * mask if fit_offset == 1
+                      else _harmonic_background(mask, _VOXEL))).astype(np.float32)
   mag = _edge_magnitude(chi, mask)
 
   def numpy_solve(f, **params):
@@ -172,38 +175,18 @@ def test_fitted_offset_ignores_a_constant_field_offset(oblique):
                             np.float32(_VOXEL), **_CORRECTED, **params).numpy()
 
   for weighting in ({}, {"magnitude_weighting": 1, "magnitude": mag}):
-    want = numpy_solve(field, fit_offset=1, **weighting)
-    assert _rel(numpy_solve(offset, fit_offset=1, **weighting), want, mask) < 1e-4
-    assert _rel(tf_solve(offset, fit_offset=1, **weighting), want, mask) < 1e-4
-  assert _rel(numpy_solve(offset), numpy_solve(field), mask) > 0.01
-  assert _rel(tf_solve(offset), numpy_solve(field), mask) > 0.01
-
-
-def test_fitted_polynomial_ignores_a_quadratic_background(oblique):
-  """fit_offset = 3 fits a field of degree < 3: a ramp plus a saddle added to the field (smooth
-  background remnants) changes nothing, with or without the magnitude weighting, in NumPy and
-  TF alike, on two grids; the constant fit alone (fit_offset = 1) is fooled by it."""
-  chi, field, mask = oblique
-  prior = _blurred(chi, mask)
-  spoiled = field + _harmonic_background(mask, _VOXEL)
-  mag = _edge_magnitude(chi, mask)
-
-  def numpy_solve(f, **params):
-    return refine.refine_cg(prior, f, mask, _VOXEL, _OBLIQUE, **_CORRECTED, **params)
-
-  def tf_solve(f, **params):
-    return refine.refine_tf(prior, f, mask.astype(np.float32), np.float32(_OBLIQUE),
-                            np.float32(_VOXEL), **_CORRECTED, **params).numpy()
-
-  for weighting in ({}, {"magnitude_weighting": 1, "magnitude": mag}):
-    want = numpy_solve(field, fit_offset=3, **weighting)
-    assert _rel(numpy_solve(spoiled, fit_offset=3, **weighting), want, mask) < 1e-4
-    assert _rel(tf_solve(spoiled, fit_offset=3, **weighting), want, mask) < 1e-4
-  assert _rel(numpy_solve(spoiled, fit_offset=1), numpy_solve(field, fit_offset=1), mask) > 0.01
-  # A cubic fit differs from the quadratic one (the basis grows with fit_offset), TF as NumPy.
-  cubic = numpy_solve(field, fit_offset=4)
-  assert _rel(cubic, numpy_solve(field, fit_offset=3), mask) > 1e-4
-  assert _rel(tf_solve(field, fit_offset=4), cubic, mask) < 1e-4
+    want = numpy_solve(field, fit_offset=fit_offset, **weighting)
+    assert _rel(numpy_solve(spoiled, fit_offset=fit_offset, **weighting), want, mask) < 1e-4
+    assert _rel(tf_solve(spoiled, fit_offset=fit_offset, **weighting), want, mask) < 1e-4
+  lower = fit_offset - 1
+  assert _rel(numpy_solve(spoiled, fit_offset=lower), numpy_solve(field, fit_offset=lower),
+              mask) > 0.01
+  assert _rel(tf_solve(spoiled, fit_offset=lower), numpy_solve(field, fit_offset=lower),
+              mask) > 0.01
+  # The basis grows with fit_offset: one degree more changes the answer, TF as NumPy.
+  higher = numpy_solve(field, fit_offset=fit_offset + 1)
+  assert _rel(higher, numpy_solve(field, fit_offset=fit_offset), mask) > 1e-4
+  assert _rel(tf_solve(field, fit_offset=fit_offset + 1), higher, mask) < 1e-4
 
 
 def test_fit_offset_above_the_largest_degree_is_refused(oblique):
