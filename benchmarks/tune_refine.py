@@ -37,7 +37,8 @@ _MODEL = flags.DEFINE_string("model", None, "SavedModel version folder or genera
 _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge", "magnitude",
                                             "margin", "edges", "correction", "correction2",
                                             "v3", "offset", "offset2", "noise",
-                                            "noise2", "background", "background2"],
+                                            "noise2", "background", "background2",
+                                            "erosion"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -52,7 +53,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "of base weights (use with --realistic), 'noise2' above it; 'background' "
                           "fits a polynomial background (fit_offset 3-4) and/or filters the "
                           "data term by SMV (smv_radius_mm) around version 4's contract, "
-                          "'background2' fits it on the noise-scaled version 4.")
+                          "'background2' fits it on the noise-scaled version 4; 'erosion' "
+                          "leaves the mask's outer rim out of the data term (data_erosion_mm).")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -154,12 +156,18 @@ _V4_NOISE = {**_V4, "noise_reference_ppm": 0.001}
 BACKGROUND2_SETTINGS = [_V4_NOISE, {**_V4_NOISE, "fit_offset": 3}, {**_V4_NOISE, "fit_offset": 4},
                         {**_V4_NOISE, "fit_offset": 3, "tv_weight": 3e-4},
                         {**_V4_NOISE, "fit_offset": 3, "mu": 1e-4}]
+# Edge remnants (sources just outside the mask, a mask a few voxels small) are largest in the
+# mask's outer rim: the data term without it (data_erosion_mm), unscaled and noise-scaled.
+EROSION_SETTINGS = ([_V4] + [{**_V4, "data_erosion_mm": r} for r in (1.5, 2.0, 2.5, 4.0)]
+                    + [{**_V4_NOISE, "data_erosion_mm": 4.0, "tv_weight": tv}
+                       for tv in (2e-4, 5e-4, 1e-3)])
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
                   "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS,
                   "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS,
-                  "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS}
+                  "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS,
+                  "erosion": EROSION_SETTINGS}
 
 
 def main(argv):

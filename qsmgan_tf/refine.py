@@ -80,6 +80,14 @@ value property), so remnants cannot pull chi; the lowest frequencies of chi, whi
 damps, come from the prior (the network) and the voxels within the radius of the edge from the
 prior and the edge term. ``H D`` is one real kernel, so a CG step costs what it did.
 
+Most of what background removal and brain extraction get wrong sits at the mask's edge: sources
+just outside it (an imperfect background removal's remnants, tissue a too-small mask leaves
+out) give a field that falls off as the cube of the distance, large in the outer few voxels
+and small inside. ``data_erosion_mm > 0`` weights the data term by the mask eroded by that
+radius (the voxels whose sphere lies inside the mask), without filtering the field: chi is
+still solved for on the whole mask, its outer rim from the prior and the edge term, the rest
+of the field unchanged. If the erosion would leave no voxel, the whole mask is kept.
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run
@@ -103,7 +111,7 @@ DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
             "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
             "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
-            "smv_radius_mm": 0.0}
+            "smv_radius_mm": 0.0, "data_erosion_mm": 0.0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -111,7 +119,8 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 ``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given;
 ``noise_reference_ppm > 0`` scales ``mu`` and ``tv_weight`` by the scan's own noise
 (`regularisation_scale`); ``smv_radius_mm > 0`` compares fields after the SMV high-pass
-(background remnants ignored)."""
+(background remnants ignored); ``data_erosion_mm > 0`` leaves the voxels that close to the mask's
+edge out of the data term."""
 
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
@@ -328,6 +337,22 @@ def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int
           lambda y: physics.apply_kernel(weight * project(y), kernel) * m)
 
 
+def _eroded(grid: operators.Grid, radius_mm: float) -> np.ndarray:
+  """float32 0/1: the grid's mask voxels whose sphere of ``radius_mm`` lies inside the mask."""
+  smv = physics.smv_kernel(grid.shape, grid.voxel_size_mm, radius_mm)
+  inside = physics.apply_kernel(grid.mask.astype(np.float32), smv)
+  return ((inside > _ERODED_MIN) & grid.mask).astype(np.float32)
+
+
+def _data_erosion(grid: operators.Grid, radius_mm: float) -> np.ndarray | np.float32:
+  """The data term's erosion weight (`refine_cg`'s ``data_erosion_mm``): `_eroded`, or 1 when
+  ``radius_mm`` is 0 or the erosion would leave no voxel."""
+  if not radius_mm > 0:
+    return np.float32(1.0)
+  eroded = _eroded(grid, radius_mm)
+  return eroded if eroded.any() else np.float32(1.0)
+
+
 def _smv_data(grid: operators.Grid, radius_mm: float):
   """``(kernel, eroded, high_pass)`` of the SMV-filtered data term on ``grid``: the dipole
   times ``H = 1 - S`` (`physics.smv_kernel`), the mask eroded by the sphere (voxels whose
@@ -336,10 +361,8 @@ def _smv_data(grid: operators.Grid, radius_mm: float):
   if not radius_mm > 0:
     return grid.dipole(), np.float32(1.0), None
   smv = physics.smv_kernel(grid.shape, grid.voxel_size_mm, radius_mm)
-  inside = physics.apply_kernel(grid.mask.astype(np.float32), smv)
-  eroded = ((inside > _ERODED_MIN) & grid.mask).astype(np.float32)
   high_pass = (np.float32(1.0) - smv).astype(np.float32)
-  return grid.dipole() * high_pass, eroded, high_pass
+  return grid.dipole() * high_pass, _eroded(grid, radius_mm), high_pass
 
 
 def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
@@ -357,6 +380,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               fit_offset: int = DEFAULTS["fit_offset"],
               noise_reference_ppm: float = DEFAULTS["noise_reference_ppm"],
               smv_radius_mm: float = DEFAULTS["smv_radius_mm"],
+              data_erosion_mm: float = DEFAULTS["data_erosion_mm"],
               magnitude: np.ndarray | None = None) -> np.ndarray:
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -395,6 +419,8 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     smv_radius_mm: > 0 = the data term compares the SMV-high-passed fields on the mask eroded
       by this radius, mm (module docstring): harmonic background remnants drop out;
       0 = the fields themselves on the whole mask.
+    data_erosion_mm: > 0 = the data term leaves out the voxels within this distance of the
+      mask's edge, mm (module docstring; the whole mask if none would be left); 0 = none.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
 
   Returns:
@@ -414,7 +440,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   if mag is not None and magnitude_weighting:
     weight = (mag / mag[grid.mask].mean(dtype=np.float64)).astype(np.float32)
   kernel, eroded, high_pass = _smv_data(grid, smv_radius_mm)
-  weight = (weight * eroded).astype(np.float32)
+  weight = (weight * eroded * _data_erosion(grid, data_erosion_mm)).astype(np.float32)
   forward, adjoint = _weighted_operator(grid, weight, fit_offset, kernel)
   vs = grid.voxel_size_mm
   x0 = (grid.to_grid(chi_net) * grid.mask).astype(np.float64)
@@ -674,7 +700,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               edge_refresh=DEFAULTS["edge_refresh"],
               residual_margin=DEFAULTS["residual_margin"], fit_offset=DEFAULTS["fit_offset"],
               noise_reference_ppm=DEFAULTS["noise_reference_ppm"],
-              smv_radius_mm=DEFAULTS["smv_radius_mm"], magnitude=None):
+              smv_radius_mm=DEFAULTS["smv_radius_mm"],
+              data_erosion_mm=DEFAULTS["data_erosion_mm"], magnitude=None):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -698,6 +725,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     noise_reference_ppm: > 0 = scale ``mu`` and ``tv_weight`` by the field's own noise
       (`regularisation_scale_tf`); scalar.
     smv_radius_mm: > 0 = the SMV-filtered data term (`refine_cg`); scalar.
+    data_erosion_mm: > 0 = the data term without the mask's outer rim (`refine_cg`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
 
@@ -757,12 +785,17 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   weight = tf.where(tf.cast(magnitude_weighting, tf.int32) > 0,
                     mag / (tf.reduce_sum(mag) / tf.reduce_sum(m)), m)
 
-  def eroded():  # `_smv_data`'s eroded mask
-    inside = physics_tf.apply_kernel(m, physics_tf.smv_kernel(grid, voxel_size_mm,
-                                                               smv_radius_mm))
+  def eroded(radius_mm):  # `_eroded`
+    inside = physics_tf.apply_kernel(m, physics_tf.smv_kernel(grid, voxel_size_mm, radius_mm))
     return tf.cast(tf.logical_and(inside > _ERODED_MIN, m > 0.5), tf.float32)
 
-  weight = tf.cond(use_smv, lambda: weight * eroded(), lambda: weight)
+  def data_erosion():  # `_data_erosion`: the whole mask if the erosion leaves no voxel
+    rim = eroded(data_erosion_mm)
+    return tf.where(tf.reduce_any(rim > 0), rim, tf.ones_like(rim))
+
+  data_erosion_mm = tf.cast(data_erosion_mm, tf.float32)
+  weight = tf.cond(use_smv, lambda: weight * eroded(smv_radius_mm), lambda: weight)
+  weight = tf.cond(data_erosion_mm > 0, lambda: weight * data_erosion(), lambda: weight)
 
   fit_offset = tf.clip_by_value(tf.cast(fit_offset, tf.int32), 0, MAX_FIT_OFFSET)
   exponents = tf.constant(_monomial_exponents(MAX_FIT_OFFSET), tf.float32)  # [terms, 3]

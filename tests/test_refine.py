@@ -8,6 +8,7 @@ import tensorflow as tf
 from qsmgan_tf import physics
 from qsmgan_tf import physics_tf
 from qsmgan_tf import refine
+from qsmgan_tf.classical import operators
 
 _OBLIQUE = (0.25, -0.15, 0.95)
 _VOXEL = (1.0, 1.1, 1.6)
@@ -473,19 +474,36 @@ def _harmonic_background(mask, voxel):
 
 
 _SMV = {**_TV, "smv_radius_mm": 3.0}
+_ERODE = {**_TV, "data_erosion_mm": 2.0}
+_SMALL_GRID = {"margin": 4, "residual_margin": 12, "reweights": 3}
 
 
-@pytest.mark.parametrize("params", [_SMV, {**_SMV, "margin": 4, "residual_margin": 12,
-                                           "reweights": 3, "fit_offset": 1}])
-def test_smv_numpy_and_tf_agree(oblique, params):
+@pytest.mark.parametrize("option, params", [
+    ("smv_radius_mm", _SMV), ("smv_radius_mm", {**_SMV, **_SMALL_GRID, "fit_offset": 1}),
+    ("data_erosion_mm", _ERODE), ("data_erosion_mm", {**_ERODE, **_SMALL_GRID, "fit_offset": 2})])
+def test_edge_data_terms_numpy_and_tf_agree(oblique, option, params):
+  """The SMV-filtered data term and the one without the mask's rim: TF = NumPy, and on."""
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
   want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
   got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
                          np.float32(_VOXEL), **params).numpy()
   assert _rel(got, want, mask) < 1e-4
-  plain = {**params, "smv_radius_mm": 0.0}
+  plain = {**params, option: 0.0}
   assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **plain), want, mask) > 1e-3
+
+
+def _assert_blind_to(spoiled, oblique, params, option, tolerance):
+  """With ``params`` the refinement of ``spoiled`` is that of the clean field (to
+  ``tolerance``); with ``option`` off the solve turns the difference into chi."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  clean = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
+  robust = refine.refine_cg(prior, spoiled, mask, _VOXEL, _OBLIQUE, **params)
+  assert _rel(robust, clean, mask) < tolerance
+  plain = {**params, option: 0.0}
+  fooled = refine.refine_cg(prior, spoiled, mask, _VOXEL, _OBLIQUE, **plain)
+  assert _rel(fooled, refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **plain), mask) > 0.1
 
 
 def test_smv_kernel_tf_matches_numpy():
@@ -500,13 +518,30 @@ def test_smv_data_term_ignores_a_harmonic_background(oblique):
   """With the SMV filter a harmonic field added to the data changes nothing (mean value
   property inside the eroded mask; on anisotropic voxels the discrete sphere's mean of x^2 - y^2
   is off by a constant, which fit_offset takes); without it the solve turns it into chi."""
+  _, field, mask = oblique
+  _assert_blind_to(field + _harmonic_background(mask, _VOXEL), oblique,
+                   {**_SMV, "fit_offset": 1}, "smv_radius_mm", 1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# The data term without the mask's outer rim (data_erosion_mm)
+# --------------------------------------------------------------------------------------
+def test_data_erosion_ignores_the_rim_and_keeps_a_mask_it_would_empty(oblique):
+  """Whatever the field holds within the radius of the mask's edge (an edge remnant, here
+  large random values) changes nothing with the erosion; without it the solve follows it. An
+  erosion that would leave no voxel keeps the whole mask."""
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
-  spoiled = field + _harmonic_background(mask, _VOXEL)
-  params = {**_SMV, "fit_offset": 1}
-  clean = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
-  robust = refine.refine_cg(prior, spoiled, mask, _VOXEL, _OBLIQUE, **params)
-  assert _rel(robust, clean, mask) < 1e-3
-  plain = {**params, "smv_radius_mm": 0.0}
-  fooled = refine.refine_cg(prior, spoiled, mask, _VOXEL, _OBLIQUE, **plain)
-  assert _rel(fooled, refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **plain), mask) > 0.1
+  grid = operators.Grid(mask, _VOXEL, physics.unit_vector(_OBLIQUE), 0)
+  rim = mask & ~(grid.from_grid(refine._eroded(grid, 2.0), mask) > 0.5)
+  assert 0 < rim.sum() < mask.sum()
+  spoiled = field + np.where(rim, np.random.default_rng(3).normal(0, 0.05, field.shape),
+                             0).astype(np.float32)
+  _assert_blind_to(spoiled, oblique, _ERODE, "data_erosion_mm", 1e-4)
+  everything = {**_ERODE, "data_erosion_mm": 500.0}
+  whole = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **everything)
+  np.testing.assert_array_equal(whole, refine.refine_cg(
+      prior, field, mask, _VOXEL, _OBLIQUE, **{**_ERODE, "data_erosion_mm": 0.0}))
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
+                         np.float32(_VOXEL), **everything).numpy()
+  assert _rel(got, whole, mask) < 1e-4
