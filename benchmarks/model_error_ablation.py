@@ -1,6 +1,6 @@
 r"""Which model error breaks the refinement: each realistic tuning phantom with its errors one at a time.
 
-  python benchmarks/model_error_ablation.py --model=saved_models/qsmgan/4 \
+  python benchmarks/model_error_ablation.py [--model=saved_models/qsmgan/5] \
       [--phantoms=brain-850001,brain-850002] [--setting=key=value,...]
 
 For every tuning phantom (`tuning_phantoms.PHANTOMS` and ``EXTENDED``, or those named in
@@ -26,7 +26,8 @@ from absl import flags
 
 import tuning_phantoms  # benchmarks/ is the script's folder, so on sys.path
 
-_MODEL = flags.DEFINE_string("model", "saved_models/qsmgan/4", "SavedModel version folder.")
+_MODEL = flags.DEFINE_string("model", None, "SavedModel version folder (default: the newest "
+                              "under saved_models/qsmgan).")
 _PHANTOMS = flags.DEFINE_list("phantoms", None, "Tuning phantoms to run (default: all six).")
 _SETTINGS = flags.DEFINE_multi_string("setting", [], "Refinement setting (key=value,...) to "
                                       "compare with the contract's; repeatable.")

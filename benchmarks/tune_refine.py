@@ -1,6 +1,6 @@
 r"""Chooses the refinement parameters of a trained model on its own tuning phantoms.
 
-  python benchmarks/tune_refine.py --model=saved_models/qsmgan/4 [--grid=small|full]
+  python benchmarks/tune_refine.py --model=saved_models/qsmgan/5 [--grid=small|full]
 
 The network runs once per phantom (seeds 850001-850004: a healthy brain, a brain with lesions,
 a brain with B0 tilted 10 deg, a shape phantom; none is in a training set or in the model
@@ -38,7 +38,7 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                                             "margin", "edges", "correction", "correction2",
                                             "v3", "offset", "offset2", "noise",
                                             "noise2", "background", "background2",
-                                            "erosion"],
+                                            "erosion", "lcurve"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -54,7 +54,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "fits a polynomial background (fit_offset 3-4) and/or filters the "
                           "data term by SMV (smv_radius_mm) around version 4's contract, "
                           "'background2' fits it on the noise-scaled version 4; 'erosion' "
-                          "leaves the mask's outer rim out of the data term (data_erosion_mm).")
+                          "leaves the mask's outer rim out of the data term (data_erosion_mm); "
+                          "'lcurve' chooses the L1 weight per scan (lcurve_stages).")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -161,13 +162,17 @@ BACKGROUND2_SETTINGS = [_V4_NOISE, {**_V4_NOISE, "fit_offset": 3}, {**_V4_NOISE,
 EROSION_SETTINGS = ([_V4] + [{**_V4, "data_erosion_mm": r} for r in (1.5, 2.0, 2.5, 4.0)]
                     + [{**_V4_NOISE, "data_erosion_mm": 4.0, "tv_weight": tv}
                        for tv in (2e-4, 5e-4, 1e-3)])
+# The L1 weight chosen per scan on its own L-curve (lcurve_stages): version 4's weight, then
+# stages of 10x while the curve is steep, at two thresholds of the slope.
+_LCURVE = {**_V4, "lcurve_stages": 2, "lcurve_factor": 10.0, "lcurve_reweights": 3}
+LCURVE_SETTINGS = [{**_LCURVE, "lcurve_slope": slope} for slope in (0.3, 0.5)]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
                   "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS,
                   "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS,
                   "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS,
-                  "erosion": EROSION_SETTINGS}
+                  "erosion": EROSION_SETTINGS, "lcurve": LCURVE_SETTINGS}
 
 
 def main(argv):
@@ -209,9 +214,9 @@ def main(argv):
                                           sub.b0_dir)
     for prior_name, (i, setting) in itertools.product(priors, enumerate(settings)):
       t0 = time.perf_counter()
-      chi = inference.run_refine_tf(maps[prior_name], sub.field_ppm, mask, sub.b0_dir,
-                                    sub.voxel_size_mm, {**refine.DEFAULTS, **setting},
-                                    magnitude=sub.magnitude)
+      chi, tv_used = inference.run_refine_tf(maps[prior_name], sub.field_ppm, mask, sub.b0_dir,
+                                             sub.voxel_size_mm, {**refine.DEFAULTS, **setting},
+                                             magnitude=sub.magnitude, return_weight=True)
       dt = time.perf_counter() - t0
       scores = tuning_phantoms.scores(chi, sub.chi_ppm, mask)
       if prior_name == "network":
@@ -219,7 +224,8 @@ def main(argv):
         if name.startswith("brain"):
           seconds[i].append(dt)
       print(json.dumps({**base, "prior": prior_name, "setting": setting, **scores,
-                        "seconds": round(dt, 2)}), flush=True)
+                        "tv_weight_used": float(f"{tv_used:.4g}"), "seconds": round(dt, 2)}),
+            flush=True)
   ranked = sorted(((float(np.mean(results[i])), i) for i in results
                    if not _MAX_SECONDS.value or max(seconds[i]) <= _MAX_SECONDS.value))
   if not ranked:

@@ -29,7 +29,7 @@ signature), so a local run on a SavedModel and TF Serving give the same numbers.
 
 Example:
   chi_ppm, info = inference.reconstruct_qsmgan(field_ppm, mask, (1, 1, 1), (0, 0, 1),
-                                               model="saved_models/qsmgan/4")
+                                               model="saved_models/qsmgan/5")
 """
 
 from __future__ import annotations
@@ -437,7 +437,8 @@ def make_predict_volume_fn(generator, contract: dict[str, Any], with_magnitude: 
   Returns:
     tf.function with inputs ``field_ppm [X,Y,Z]`` (ppm of B0), ``mask [X,Y,Z]`` (0/1),
     ``b0_dir [3]`` (voxel frame), ``voxel_size_mm [3]`` and outputs ``chi_ppm`` (refined),
-    ``chi_net_ppm`` (network alone: `network_volume_tf`), ``residual_before`` /
+    ``chi_net_ppm`` (network alone: `network_volume_tf`), ``tv_weight_used`` (the L1 weight
+    after the noise scale and the L-curve, `refine.refine_tf`), ``residual_before`` /
     ``residual_after`` (relative, mask-demeaned field residuals of chi_net and chi). The
     field must already be on the model's grid and orientation for the network part; the
     refinement uses ``b0_dir``.
@@ -449,11 +450,12 @@ def make_predict_volume_fn(generator, contract: dict[str, Any], with_magnitude: 
 
   def predict(field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
     chi_net = network_volume_tf(generator, field_ppm, mask, **args)
-    chi = refine_lib.refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, **params,
-                               magnitude=magnitude)
+    chi, tv_weight = refine_lib.refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm,
+                                          **params, magnitude=magnitude, return_weight=True)
     return {
         "chi_ppm": chi,
         "chi_net_ppm": chi_net,
+        "tv_weight_used": tv_weight,
         "residual_before": refine_lib.field_residual_tf(chi_net, field_ppm, mask, b0_dir,
                                                         voxel_size_mm),
         "residual_after": refine_lib.field_residual_tf(chi, field_ppm, mask, b0_dir,
@@ -477,16 +479,19 @@ def make_refine_fn(contract: dict[str, Any]):
 
   Returns:
     tf.function with inputs ``chi_net_ppm [X,Y,Z]``, ``field_ppm``, ``mask``, ``b0_dir [3]``,
-    ``voxel_size_mm [3]`` and outputs ``chi_ppm``, ``residual_before``, ``residual_after``.
+    ``voxel_size_mm [3]`` and outputs ``chi_ppm``, ``tv_weight_used`` (as ``predict_volume``),
+    ``residual_before``, ``residual_after``.
   """
   params = refine_lib.without_magnitude(refine_lib.resolve_params(contract))
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32,
                                               name="chi_net_ppm")] + _volume_specs())
   def refine(chi_net_ppm, field_ppm, mask, b0_dir, voxel_size_mm):
-    chi = refine_lib.refine_tf(chi_net_ppm, field_ppm, mask, b0_dir, voxel_size_mm, **params)
+    chi, tv_weight = refine_lib.refine_tf(chi_net_ppm, field_ppm, mask, b0_dir, voxel_size_mm,
+                                          **params, return_weight=True)
     return {
         "chi_ppm": chi,
+        "tv_weight_used": tv_weight,
         "residual_before": refine_lib.field_residual_tf(chi_net_ppm * mask, field_ppm, mask,
                                                         b0_dir, voxel_size_mm),
         "residual_after": refine_lib.field_residual_tf(chi, field_ppm, mask, b0_dir,
@@ -504,26 +509,30 @@ _LOCAL_SPECS = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [
 @functools.cache
 def traced_refine_tf():
   """`refine_lib.refine_tf` traced once, its parameters and magnitude as tensors (no retrace
-  per value)."""
+  per value); returns ``(chi_ppm, tv_weight_used)``."""
   scalars = [tf.TensorSpec([], tf.float32 if isinstance(v, float) else tf.int32)
              for v in refine_lib.DEFAULTS.values()]
-  return tf.function(refine_lib.refine_tf, input_signature=_LOCAL_SPECS + scalars + [
-      tf.TensorSpec([None, None, None], tf.float32)])
+  return tf.function(functools.partial(refine_lib.refine_tf, return_weight=True),
+                     input_signature=_LOCAL_SPECS + scalars + [
+                         tf.TensorSpec([None, None, None], tf.float32)])
 
 
 def run_refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm,
-                  params: dict[str, Any], magnitude=None) -> np.ndarray:
+                  params: dict[str, Any], magnitude=None, return_weight: bool = False):
   """`traced_refine_tf` on NumPy inputs with a `refine.resolve_params` dict and an optional
-  magnitude (without one, the parameters' magnitude uses are switched off); chi_ppm."""
+  magnitude (without one, the parameters' magnitude uses are switched off); chi_ppm, or
+  ``(chi_ppm, tv_weight_used)`` with ``return_weight``."""
   if magnitude is None:
     params = refine_lib.without_magnitude(params)
     magnitude = mask
   scalars = {k: np.asarray(v, np.float32 if isinstance(refine_lib.DEFAULTS[k], float) else
                            np.int32) for k, v in params.items()}
-  return traced_refine_tf()(np.asarray(chi_net, np.float32), np.asarray(field_ppm, np.float32),
-                            np.asarray(mask, np.float32), np.asarray(b0_dir, np.float32),
-                            np.asarray(voxel_size_mm, np.float32), **scalars,
-                            magnitude=np.asarray(magnitude, np.float32)).numpy()
+  chi, weight = traced_refine_tf()(
+      np.asarray(chi_net, np.float32), np.asarray(field_ppm, np.float32),
+      np.asarray(mask, np.float32), np.asarray(b0_dir, np.float32),
+      np.asarray(voxel_size_mm, np.float32), **scalars,
+      magnitude=np.asarray(magnitude, np.float32))
+  return (chi.numpy(), float(weight)) if return_weight else chi.numpy()
 
 
 @functools.cache
@@ -1271,6 +1280,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       timings["network_and_refine_s"] = time.perf_counter() - t0
       info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": True,
                         **refine_lib.noise_info(field, mask, params)}
+      if "tv_weight_used" in outputs:  # models exported before it was an output lack it
+        info["refine"]["tv_weight_used"] = float(outputs["tv_weight_used"])
       info["residual_before"] = float(outputs["residual_before"])
       info["residual_after"] = float(outputs["residual_after"])
     else:
@@ -1287,9 +1298,10 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       timings["network_s"] = time.perf_counter() - t0
       t1 = time.perf_counter()
       if method == "cg":
-        chi = run_refine_tf(chi_net, field, mask, b0, voxel, params, magnitude)
+        chi, tv_used = run_refine_tf(chi_net, field, mask, b0, voxel, params, magnitude,
+                                     return_weight=True)
         info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": False,
-                          **refine_lib.noise_info(field, mask, params)}
+                          **refine_lib.noise_info(field, mask, params), "tv_weight_used": tv_used}
       elif method == "closed":
         lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)
         chi = refine_lib.refine_closed_form(chi_net, field, mask, voxel, b0, lam,

@@ -88,6 +88,21 @@ radius (the voxels whose sphere lies inside the mask), without filtering the fie
 still solved for on the whole mask, its outer rim from the prior and the edge term, the rest
 of the field unchanged. If the erosion would leave no voxel, the whole mask is kept.
 
+How strong should the L1 term be for this scan? Fields that hold model errors the dipole model
+cannot explain (correlated noise, edge remnants, a mask a few voxels off, anisotropy) need far more
+than exact forward fields, and the field's noise estimate does not show those errors (they are
+smooth, or correlated over voxels). The L-curve on the scan itself does: ``lcurve_stages > 0``
+solves again in stages, each multiplying the L1 weight by ``lcurve_factor`` and running
+``lcurve_reweights`` steps from the network's map (a warm start from the previous stage keeps the
+streaks that stage fitted: the L1 term removes them far more slowly than it keeps them out),
+and measures each stage's point on the log-log
+L-curve, ``(||P (W field - B chi)||, mean |grad chi| over the mask)``. While the curve is steep
+(``-dlog(TV) / dlog(misfit) >= lcurve_slope`` over the stage: smoothing removes as much
+roughness as it gives up fit, so the roughness was fitted error) the stage is kept; the first
+flat stage ends it and is discarded. On an exact forward field with white noise the curve is flat
+from the start (the map's roughness is the anatomy's) and the weight stays as given. The kept
+weight is returned (``return_weight``) and recorded in the sidecar (``tv_weight_used``).
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run
@@ -111,7 +126,8 @@ DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
             "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
             "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
-            "smv_radius_mm": 0.0, "data_erosion_mm": 0.0}
+            "smv_radius_mm": 0.0, "data_erosion_mm": 0.0, "lcurve_stages": 0,
+            "lcurve_factor": 4.0, "lcurve_slope": 0.5, "lcurve_reweights": 2}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -120,7 +136,8 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 ``noise_reference_ppm > 0`` scales ``mu`` and ``tv_weight`` by the scan's own noise
 (`regularisation_scale`); ``smv_radius_mm > 0`` compares fields after the SMV high-pass
 (background remnants ignored); ``data_erosion_mm > 0`` leaves the voxels that close to the mask's
-edge out of the data term."""
+edge out of the data term; ``lcurve_stages > 0`` raises the L1 weight per scan while the
+L-curve is steep."""
 
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
@@ -365,6 +382,39 @@ def _smv_data(grid: operators.Grid, radius_mm: float):
   return grid.dipole() * high_pass, _eroded(grid, radius_mm), high_pass
 
 
+def _lcurve_point(misfit: float, x: np.ndarray, m: np.ndarray,
+                  voxel_size_mm: Sequence[float]) -> tuple[float, float]:
+  """``(data misfit, total variation)`` of ``x``: the TV is ``sum |grad x|`` over the mask (the
+  isotropic norm, no edge mask), per voxel."""
+  g = operators.gradient((m * x).astype(np.float32), voxel_size_mm).astype(np.float64)
+  tv = np.sqrt(np.sum(g * g, axis=0))[m > 0.5]
+  return misfit, float(tv.mean())
+
+
+def _lcurve_continuation(x, tv_weight, solve, point, stages, factor, slope_min):
+  """Raises the L1 weight by ``factor`` per stage while the L-curve is steep (module docstring).
+
+  ``solve(x, tv_weight, stage)`` is the map of a stage (``x`` the last kept); ``point(x)`` is its
+  ``(misfit, total variation)``. A stage is kept when ``-dlog(TV) / dlog(misfit) >= slope_min``
+  over it; the first one that is not ends the continuation, and is discarded.
+
+  Returns:
+    ``(x, tv_weight, slopes)``: the kept map, its L1 weight and the slope of every stage tried.
+  """
+  misfit, tv = point(x)
+  slopes = []
+  for stage in range(1, int(stages) + 1):
+    x_next = solve(x, tv_weight * factor, stage)
+    misfit_next, tv_next = point(x_next)
+    rise = np.log(misfit_next / misfit) if misfit > 0 and misfit_next > 0 else 0.0
+    slope = float(-np.log(tv_next / tv) / rise) if rise > 0 and tv > 0 and tv_next > 0 else 0.0
+    slopes.append(slope)
+    if not slope >= slope_min:
+      break
+    x, misfit, tv, tv_weight = x_next, misfit_next, tv_next, tv_weight * factor
+  return x, tv_weight, slopes
+
+
 def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
               b0_dir: Sequence[float] = (0.0, 0.0, 1.0), mu: float = DEFAULTS["mu"],
@@ -381,7 +431,11 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               noise_reference_ppm: float = DEFAULTS["noise_reference_ppm"],
               smv_radius_mm: float = DEFAULTS["smv_radius_mm"],
               data_erosion_mm: float = DEFAULTS["data_erosion_mm"],
-              magnitude: np.ndarray | None = None) -> np.ndarray:
+              lcurve_stages: int = DEFAULTS["lcurve_stages"],
+              lcurve_factor: float = DEFAULTS["lcurve_factor"],
+              lcurve_slope: float = DEFAULTS["lcurve_slope"],
+              lcurve_reweights: int = DEFAULTS["lcurve_reweights"],
+              magnitude: np.ndarray | None = None, return_weight: bool = False):
   """CG data-consistency refinement (NumPy/SciPy reference).
 
   Args:
@@ -421,10 +475,18 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       0 = the fields themselves on the whole mask.
     data_erosion_mm: > 0 = the data term leaves out the voxels within this distance of the
       mask's edge, mm (module docstring; the whole mask if none would be left); 0 = none.
+    lcurve_stages: > 0 = after the solve, up to this many stages that each multiply the L1
+      weight by ``lcurve_factor`` and continue from the current map, kept while the L-curve
+      is steep (``-dlog(TV) / dlog(misfit) >= lcurve_slope`` over the stage; module
+      docstring); 0 = the L1 weight as given. Needs ``tv_weight > 0``.
+    lcurve_factor, lcurve_slope, lcurve_reweights: the stages' weight factor, the smallest
+      slope kept and the reweighting steps of each stage (each from ``chi_net``).
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
+    return_weight: also return the L1 weight used (after the noise scale and the L-curve).
 
   Returns:
-    chi_ppm float32 [X, Y, Z], 0 outside the mask.
+    chi_ppm float32 [X, Y, Z], 0 outside the mask; with ``return_weight``,
+    ``(chi_ppm, tv_weight)``.
 
   Raises:
     ValueError: shapes differ, the mask is empty, or the magnitude is unusable.
@@ -467,6 +529,12 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     f_r = physics.apply_kernel(f_r, high_pass_r).astype(np.float32)
   weighted_field_r = weight_r * f_r
 
+  def misfit(x):  # ||P (W field - B x)|| on the residual's grid: the L-curve's residual
+    x_r = to_residual_grid(x.astype(np.float32))
+    y = _offset_projection(weight_r, fit_offset, grid_r.voxel_size_mm)(
+        weighted_field_r - forward_r(x_r))
+    return float(np.sqrt(np.sum(np.square(y, dtype=np.float64))))
+
   def data_residual(x):  # A^T (W field - A x) on the residual's grid
     x_r = to_residual_grid(x.astype(np.float32))
     return from_residual_grid(adjoint_r(weighted_field_r - forward_r(x_r))).astype(np.float64)
@@ -478,9 +546,16 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   def edge_mask(chi):
     return edge_weights(chi.astype(np.float32), grid.mask, vs, edge_fraction) * mag_edges
 
-  edges = edge_mask(x0) if use_tv else None
-  x = x0.copy()
-  for step in range(max(int(reweights), 1) if use_tv or corrected else 1):
+  edges0 = edge_mask(x0) if use_tv else None
+
+  def solve(x, tv_weight, first_step, steps):
+    """``steps`` reweighting steps from ``x``, numbered from ``first_step`` (edge refresh)."""
+    edges = edges0
+    for step in range(first_step, first_step + steps):
+      x = step_from(x, tv_weight, step, edges)
+    return x
+
+  def step_from(x, tv_weight, step, edges):
     if use_tv:
       if step > 0 and edge_refresh:
         edges = edge_mask(x)
@@ -512,8 +587,17 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       rs_new = float(np.vdot(r, r))
       p = r + (rs_new / rs) * p
       rs = rs_new
-    x = x + delta
-  return grid.from_grid(x.astype(np.float32), mask)
+    return x + delta
+
+  steps = max(int(reweights), 1) if use_tv or corrected else 1
+  x = solve(x0.copy(), tv_weight, 0, steps)
+  if use_tv and int(lcurve_stages) > 0:
+    stage_steps = max(int(lcurve_reweights), 1)
+    x, tv_weight, _ = _lcurve_continuation(
+        x, tv_weight, lambda _, tv, stage: solve(x0.copy(), tv, 0, stage_steps),
+        lambda x: _lcurve_point(misfit(x), x, m, vs), lcurve_stages, lcurve_factor, lcurve_slope)
+  chi = grid.from_grid(x.astype(np.float32), mask)
+  return (chi, float(tv_weight)) if return_weight else chi
 
 
 def refine_closed_form(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
@@ -701,7 +785,11 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               residual_margin=DEFAULTS["residual_margin"], fit_offset=DEFAULTS["fit_offset"],
               noise_reference_ppm=DEFAULTS["noise_reference_ppm"],
               smv_radius_mm=DEFAULTS["smv_radius_mm"],
-              data_erosion_mm=DEFAULTS["data_erosion_mm"], magnitude=None):
+              data_erosion_mm=DEFAULTS["data_erosion_mm"],
+              lcurve_stages=DEFAULTS["lcurve_stages"], lcurve_factor=DEFAULTS["lcurve_factor"],
+              lcurve_slope=DEFAULTS["lcurve_slope"],
+              lcurve_reweights=DEFAULTS["lcurve_reweights"], magnitude=None,
+              return_weight=False):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -726,11 +814,15 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
       (`regularisation_scale_tf`); scalar.
     smv_radius_mm: > 0 = the SMV-filtered data term (`refine_cg`); scalar.
     data_erosion_mm: > 0 = the data term without the mask's outer rim (`refine_cg`); scalar.
+    lcurve_stages, lcurve_factor, lcurve_slope, lcurve_reweights: the L-curve continuation of
+      the L1 weight (`refine_cg`); scalars.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
+    return_weight: also return the L1 weight used (after the noise scale and the L-curve).
 
   Returns:
-    chi_ppm float32 [X, Y, Z], 0 outside the mask.
+    chi_ppm float32 [X, Y, Z], 0 outside the mask; with ``return_weight``,
+    ``(chi_ppm, tv_weight)``.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import physics_tf  # pylint: disable=import-outside-toplevel
@@ -870,7 +962,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
   edges0 = tf.cond(use_tv, lambda: edge_mask(x0), lambda: no_edges)
 
-  def outer_body(k, x):
+  def outer_body(k, x, tv_weight):
     edges = tf.cond(tf.logical_and(use_tv, tf.logical_and(edge_refresh, k > 0)),
                     lambda: edge_mask(x), lambda: edges0)
 
@@ -915,10 +1007,46 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
         (tf.constant(0), tf.zeros_like(x), r, r, dot(r, r)))
     return k + 1, x + delta
 
-  _, x = tf.while_loop(lambda k, _: k < outer, outer_body, (tf.constant(0), x0))
+  def solve(x, tv_weight, first_step, steps):  # steps from x, numbered from first_step
+    _, x = tf.while_loop(lambda k, _: k < first_step + steps,
+                         lambda k, x: outer_body(k, x, tv_weight), (first_step, x))
+    return x
+
+  def misfit(x):  # ||P (W field - B x)|| on the residual's grid, as `refine_cg`
+    fwd = tf.signal.irfft3d(tf.signal.rfft3d(m_r * to_residual_grid(x)) * kernel_r,
+                            fft_length=grid_r) * weight_r
+    return tf.sqrt(dot(*[project_r(weighted_field_r - fwd)] * 2))
+
+  def point(x):  # `_lcurve_point`
+    g = _gradient_tf(m * x, voxel_size_mm)
+    tv = tf.boolean_mask(tf.sqrt(tf.reduce_sum(g * g, axis=0)), m > 0.5)
+    return misfit(x), tf.reduce_mean(tv)
+
+  x = solve(x0, tv_weight, tf.constant(0), outer)
+  stage_steps = tf.maximum(tf.cast(lcurve_reweights, tf.int32), 1)
+  stages = tf.where(use_tv, tf.cast(lcurve_stages, tf.int32), 0)
+  factor = tf.cast(lcurve_factor, tf.float32)
+  slope_min = tf.cast(lcurve_slope, tf.float32)
+
+  def stage_body(stage, x, tv_weight, misfit_x, tv_x, done):  # `_lcurve_continuation`
+    x_next = solve(x0, tv_weight * factor, tf.constant(0), stage_steps)
+    misfit_next, tv_next = point(x_next)
+    rise = tf.math.log(misfit_next / misfit_x)
+    ok = tf.logical_and(rise > 0, tf.logical_and(tv_x > 0, tv_next > 0))
+    slope = tf.where(ok, -tf.math.log(tv_next / tv_x) / tf.where(ok, rise, 1.0), 0.0)
+    keep = slope >= slope_min
+    return (stage + 1, tf.where(keep, x_next, x), tf.where(keep, tv_weight * factor, tv_weight),
+            tf.where(keep, misfit_next, misfit_x), tf.where(keep, tv_next, tv_x),
+            tf.logical_not(keep))
+
+  start = tf.cond(stages > 0, lambda: point(x), lambda: (tf.constant(0.0), tf.constant(0.0)))
+  _, x, tv_weight, _, _, _ = tf.while_loop(
+      lambda stage, *rest: tf.logical_and(stage <= stages, tf.logical_not(rest[-1])),
+      stage_body, (tf.constant(1), x, tv_weight, start[0], start[1], tf.constant(False)))
   inner = physics_tf.crop_from(x, size)
   full = tf.shape(m_full)
-  return tf.pad(inner, tf.stack([begin, full - begin - size], axis=1)) * m_full
+  chi = tf.pad(inner, tf.stack([begin, full - begin - size], axis=1)) * m_full
+  return (chi, tv_weight) if return_weight else chi
 
 
 def field_residual_tf(chi_ppm, field_ppm, mask, b0_dir, voxel_size_mm):

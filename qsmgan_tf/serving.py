@@ -188,8 +188,8 @@ def predict_volume_grpc(client: GrpcClient | str, field_ppm, mask, voxel_size_mm
 
   Returns:
     ``(outputs, meta)``: the signature's outputs as NumPy arrays (``chi_ppm`` refined,
-    ``chi_net_ppm``, ``residual_before``, ``residual_after``) and the server, model name and
-    version that answered.
+    ``chi_net_ppm``, ``residual_before``, ``residual_after``; models from version 5 on also
+    ``tv_weight_used``) and the server, model name and version that answered.
   """
   own = isinstance(client, str)
   if own:

@@ -138,7 +138,8 @@ def test_predict_volume_tiles_in_graph_with_a_small_budget(exported, tmp_path):
                                               b0_dir=np.float32([0, 0, 1]),
                                               voxel_size_mm=np.float32([1, 1, 1]))
   assert {k: tuple(v.shape) for k, v in served.items()} == {
-      "chi_ppm": shape, "chi_net_ppm": shape, "residual_before": (), "residual_after": ()}
+      "chi_ppm": shape, "chi_net_ppm": shape, "tv_weight_used": (), "residual_before": (),
+      "residual_after": ()}
   chi_net = served["chi_net_ppm"].numpy()
   inside = mask > 0
   assert not chi_net[~inside].any() and (chi_net[inside] != 0).all()  # no holes

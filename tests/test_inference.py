@@ -88,7 +88,8 @@ def test_predict_volume_fn_outputs(tiny):
   _, field, mask = _phantom(b0=_OBLIQUE)
   fn = inference.make_predict_volume_fn(tiny, _CONTRACT)
   out = fn(field, mask.astype(np.float32), np.float32(_OBLIQUE), np.float32([1, 1, 1]))
-  assert set(out) == {"chi_ppm", "chi_net_ppm", "residual_before", "residual_after"}
+  assert set(out) == {"chi_ppm", "chi_net_ppm", "tv_weight_used", "residual_before",
+                      "residual_after"}
   want = refine.refine_cg(out["chi_net_ppm"].numpy(), field, mask, (1, 1, 1), _OBLIQUE)
   np.testing.assert_allclose(out["chi_ppm"].numpy(), want, atol=1e-4 * np.abs(want).max())
   assert float(out["residual_after"]) < float(out["residual_before"])

@@ -545,3 +545,44 @@ def test_data_erosion_ignores_the_rim_and_keeps_a_mask_it_would_empty(oblique):
   got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
                          np.float32(_VOXEL), **everything).numpy()
   assert _rel(got, whole, mask) < 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# The L-curve continuation of the L1 weight (lcurve_stages)
+# --------------------------------------------------------------------------------------
+_LCURVE = {**_TV, "tv_weight": 1e-4, "lcurve_stages": 3, "lcurve_factor": 4.0,
+           "lcurve_reweights": 2}
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.5, 1e9])
+def test_lcurve_numpy_and_tf_agree_and_choose_alike(oblique, slope):
+  """Any slope threshold: TF = NumPy in the map and the L1 weight chosen; threshold 0 keeps
+  every stage (the last weight, 64x), an unreachable one none (the weight as given)."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  params = {**_LCURVE, "lcurve_slope": slope}
+  want, weight = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params,
+                                  return_weight=True)
+  got, got_weight = refine.refine_tf(prior, field, mask.astype(np.float32),
+                                     np.float32(_OBLIQUE), np.float32(_VOXEL), **params,
+                                     return_weight=True)
+  assert _rel(got.numpy(), want, mask) < 1e-4
+  assert float(got_weight) == pytest.approx(weight, rel=1e-6)
+  if slope == 0.0:
+    assert weight == pytest.approx(1e-4 * 4.0 ** 3)
+  if slope == 1e9:
+    assert weight == pytest.approx(1e-4)
+    plain = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE,
+                             **{**params, "lcurve_stages": 0})
+    np.testing.assert_array_equal(want, plain)
+
+
+def test_lcurve_continuation_keeps_stages_while_steep():
+  """`_lcurve_continuation` on a made-up L-curve: kept while -dlog(TV)/dlog(misfit) >= 0.5."""
+  # (misfit, TV) per L1 weight 1, 2, 4, 8: slopes 1.0, 0.6, 0.2 -> stops after weight 4.
+  curve = {1.0: (1.0, 1.0), 2.0: (2.0, 0.5), 4.0: (4.0, 0.5 * 2 ** -0.6),
+           8.0: (8.0, 0.5 * 2 ** -0.8)}
+  x, weight, slopes = refine._lcurve_continuation(
+      1.0, 1.0, lambda x, tv, stage: tv, lambda x: curve[x], 3, 2.0, 0.5)
+  assert (x, weight) == (4.0, 4.0)
+  assert slopes == pytest.approx([1.0, 0.6, 0.2])
