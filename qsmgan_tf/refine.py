@@ -647,8 +647,9 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
     magnitude: optional magnitude image (used as the contract's parameters say).
 
   Returns:
-    ``(chi_ppm, info)``, info with the method, its parameters and the relative field residual
-    (`field_residual`) before and after.
+    ``(chi_ppm, info)``, info with the method, its parameters, the L1 weight used
+    (``tv_weight_used``, cg only) and the relative field residual (`field_residual`) before and
+    after.
 
   Raises:
     ValueError: unknown method, bad shapes or an empty mask.
@@ -668,9 +669,10 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
                              params["margin"])
     info = {"method": "closed", "lam": lam, "margin": params["margin"]}
   else:
-    chi = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params,
-                    magnitude=magnitude)
-    info = {"method": "cg", **params, **noise_info(field_ppm, mask, params)}
+    chi, tv_used = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params,
+                             magnitude=magnitude, return_weight=True)
+    info = {"method": "cg", **params, **noise_info(field_ppm, mask, params),
+            "tv_weight_used": tv_used}
   info["residual_before"] = before
   info["residual_after"] = field_residual(chi, field_ppm, mask, voxel_size_mm, b0_dir)
   return chi, info

@@ -570,6 +570,8 @@ def test_lcurve_numpy_and_tf_agree_and_choose_alike(oblique, slope):
   assert float(got_weight) == pytest.approx(weight, rel=1e-6)
   if slope == 0.0:
     assert weight == pytest.approx(1e-4 * 4.0 ** 3)
+    _, info = refine.refine(prior, field, mask, _VOXEL, _OBLIQUE, contract={"refine": params})
+    assert info["tv_weight_used"] == pytest.approx(weight)  # what the sidecar records
   if slope == 1e9:
     assert weight == pytest.approx(1e-4)
     plain = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE,
