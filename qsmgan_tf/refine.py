@@ -476,7 +476,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     data_erosion_mm: > 0 = the data term leaves out the voxels within this distance of the
       mask's edge, mm (module docstring; the whole mask if none would be left); 0 = none.
     lcurve_stages: > 0 = after the solve, up to this many stages that each multiply the L1
-      weight by ``lcurve_factor`` and continue from the current map, kept while the L-curve
+      weight by ``lcurve_factor`` and solve again from ``chi_net``, kept while the L-curve
       is steep (``-dlog(TV) / dlog(misfit) >= lcurve_slope`` over the stage; module
       docstring); 0 = the L1 weight as given. Needs ``tv_weight > 0``.
     lcurve_factor, lcurve_slope, lcurve_reweights: the stages' weight factor, the smallest
