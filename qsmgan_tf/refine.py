@@ -184,6 +184,12 @@ def resolve_params(contract: dict | None = None, **overrides) -> dict:
   if not 0 <= out["fit_offset"] <= MAX_FIT_OFFSET:
     raise ValueError(f"refinement parameter fit_offset: {out['fit_offset']} is not in "
                      f"0..{MAX_FIT_OFFSET}")
+  for key, ok, rule in (("data_erosion_mm", out["data_erosion_mm"] >= 0, ">= 0"),
+                        ("lcurve_stages", out["lcurve_stages"] >= 0, ">= 0"),
+                        ("lcurve_factor", out["lcurve_factor"] > 1, "> 1"),
+                        ("lcurve_reweights", out["lcurve_reweights"] >= 1, ">= 1")):
+    if not ok:
+      raise ValueError(f"refinement parameter {key}: {out[key]} must be {rule}")
   return out
 
 
@@ -394,7 +400,7 @@ def _lcurve_point(misfit: float, x: np.ndarray, m: np.ndarray,
 def _lcurve_continuation(x, tv_weight, solve, point, stages, factor, slope_min):
   """Raises the L1 weight by ``factor`` per stage while the L-curve is steep (module docstring).
 
-  ``solve(x, tv_weight, stage)`` is the map of a stage (``x`` the last kept); ``point(x)`` is its
+  ``solve(tv_weight)`` is a stage's map at that weight; ``point(x)`` is its
   ``(misfit, total variation)``. A stage is kept when ``-dlog(TV) / dlog(misfit) >= slope_min``
   over it; the first one that is not ends the continuation, and is discarded.
 
@@ -403,8 +409,8 @@ def _lcurve_continuation(x, tv_weight, solve, point, stages, factor, slope_min):
   """
   misfit, tv = point(x)
   slopes = []
-  for stage in range(1, int(stages) + 1):
-    x_next = solve(x, tv_weight * factor, stage)
+  for _ in range(int(stages)):
+    x_next = solve(tv_weight * factor)
     misfit_next, tv_next = point(x_next)
     rise = np.log(misfit_next / misfit) if misfit > 0 and misfit_next > 0 else 0.0
     slope = float(-np.log(tv_next / tv) / rise) if rise > 0 and tv > 0 and tv_next > 0 else 0.0
@@ -529,10 +535,11 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     f_r = physics.apply_kernel(f_r, high_pass_r).astype(np.float32)
   weighted_field_r = weight_r * f_r
 
+  project_r = (_offset_projection(weight_r, fit_offset, grid_r.voxel_size_mm)
+               if int(lcurve_stages) > 0 else None)
+
   def misfit(x):  # ||P (W field - B x)|| on the residual's grid: the L-curve's residual
-    x_r = to_residual_grid(x.astype(np.float32))
-    y = _offset_projection(weight_r, fit_offset, grid_r.voxel_size_mm)(
-        weighted_field_r - forward_r(x_r))
+    y = project_r(weighted_field_r - forward_r(to_residual_grid(x.astype(np.float32))))
     return float(np.sqrt(np.sum(np.square(y, dtype=np.float64))))
 
   def data_residual(x):  # A^T (W field - A x) on the residual's grid
@@ -548,14 +555,14 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
 
   edges0 = edge_mask(x0) if use_tv else None
 
-  def solve(x, tv_weight, first_step, steps):
-    """``steps`` reweighting steps from ``x``, numbered from ``first_step`` (edge refresh)."""
-    edges = edges0
-    for step in range(first_step, first_step + steps):
-      x = step_from(x, tv_weight, step, edges)
+  def solve(x, tv_weight, steps):
+    """``steps`` reweighting steps from ``x`` (the edges refreshed after the first)."""
+    for step in range(steps):
+      x = step_from(x, tv_weight, step)
     return x
 
-  def step_from(x, tv_weight, step, edges):
+  def step_from(x, tv_weight, step):
+    edges = edges0
     if use_tv:
       if step > 0 and edge_refresh:
         edges = edge_mask(x)
@@ -590,11 +597,11 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     return x + delta
 
   steps = max(int(reweights), 1) if use_tv or corrected else 1
-  x = solve(x0.copy(), tv_weight, 0, steps)
+  x = solve(x0.copy(), tv_weight, steps)
   if use_tv and int(lcurve_stages) > 0:
     stage_steps = max(int(lcurve_reweights), 1)
     x, tv_weight, _ = _lcurve_continuation(
-        x, tv_weight, lambda _, tv, stage: solve(x0.copy(), tv, 0, stage_steps),
+        x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
         lambda x: _lcurve_point(misfit(x), x, m, vs), lcurve_stages, lcurve_factor, lcurve_slope)
   chi = grid.from_grid(x.astype(np.float32), mask)
   return (chi, float(tv_weight)) if return_weight else chi
@@ -942,12 +949,14 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   weighted_field_r = weight_r * field_r
   project_r = projection(weight_r)
 
-  def data_residual(x):  # A^T (P W field - A x) on the residual's grid, as `refine_cg`
+  def projected_residual(x):  # P (W field - B x) on the residual's grid
     fwd = tf.signal.irfft3d(tf.signal.rfft3d(m_r * to_residual_grid(x)) * kernel_r,
                             fft_length=grid_r) * weight_r
+    return project_r(weighted_field_r - fwd)
+
+  def data_residual(x):  # A^T (P W field - A x) on the residual's grid, as `refine_cg`
     return from_residual_grid(tf.signal.irfft3d(
-        tf.signal.rfft3d(weight_r * project_r(weighted_field_r - fwd)) * kernel_r,
-        fft_length=grid_r) * m_r)
+        tf.signal.rfft3d(weight_r * projected_residual(x)) * kernel_r, fft_length=grid_r) * m_r)
 
   x0 = to_grid(chi_net)
 
@@ -1009,29 +1018,28 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
         (tf.constant(0), tf.zeros_like(x), r, r, dot(r, r)))
     return k + 1, x + delta
 
-  def solve(x, tv_weight, first_step, steps):  # steps from x, numbered from first_step
-    _, x = tf.while_loop(lambda k, _: k < first_step + steps,
-                         lambda k, x: outer_body(k, x, tv_weight), (first_step, x))
+  def solve(x, tv_weight, steps):  # `refine_cg`'s solve: steps from x
+    _, x = tf.while_loop(lambda k, _: k < steps, lambda k, x: outer_body(k, x, tv_weight),
+                         (tf.constant(0), x))
     return x
 
-  def misfit(x):  # ||P (W field - B x)|| on the residual's grid, as `refine_cg`
-    fwd = tf.signal.irfft3d(tf.signal.rfft3d(m_r * to_residual_grid(x)) * kernel_r,
-                            fft_length=grid_r) * weight_r
-    return tf.sqrt(dot(*[project_r(weighted_field_r - fwd)] * 2))
+  def misfit(x):  # the L-curve's residual, as `refine_cg`
+    r = projected_residual(x)
+    return tf.sqrt(dot(r, r))
 
   def point(x):  # `_lcurve_point`
     g = _gradient_tf(m * x, voxel_size_mm)
     tv = tf.boolean_mask(tf.sqrt(tf.reduce_sum(g * g, axis=0)), m > 0.5)
     return misfit(x), tf.reduce_mean(tv)
 
-  x = solve(x0, tv_weight, tf.constant(0), outer)
+  x = solve(x0, tv_weight, outer)
   stage_steps = tf.maximum(tf.cast(lcurve_reweights, tf.int32), 1)
   stages = tf.where(use_tv, tf.cast(lcurve_stages, tf.int32), 0)
   factor = tf.cast(lcurve_factor, tf.float32)
   slope_min = tf.cast(lcurve_slope, tf.float32)
 
   def stage_body(stage, x, tv_weight, misfit_x, tv_x, done):  # `_lcurve_continuation`
-    x_next = solve(x0, tv_weight * factor, tf.constant(0), stage_steps)
+    x_next = solve(x0, tv_weight * factor, stage_steps)
     misfit_next, tv_next = point(x_next)
     rise = tf.math.log(misfit_next / misfit_x)
     ok = tf.logical_and(rise > 0, tf.logical_and(tv_x > 0, tv_next > 0))

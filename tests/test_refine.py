@@ -585,6 +585,14 @@ def test_lcurve_continuation_keeps_stages_while_steep():
   curve = {1.0: (1.0, 1.0), 2.0: (2.0, 0.5), 4.0: (4.0, 0.5 * 2 ** -0.6),
            8.0: (8.0, 0.5 * 2 ** -0.8)}
   x, weight, slopes = refine._lcurve_continuation(
-      1.0, 1.0, lambda x, tv, stage: tv, lambda x: curve[x], 3, 2.0, 0.5)
+      1.0, 1.0, lambda tv: tv, lambda x: curve[x], 3, 2.0, 0.5)
   assert (x, weight) == (4.0, 4.0)
   assert slopes == pytest.approx([1.0, 0.6, 0.2])
+
+
+@pytest.mark.parametrize("bad", ["data_erosion_mm=-1", "lcurve_stages=-1", "lcurve_factor=1",
+                                 "lcurve_reweights=0"])
+def test_resolve_params_refuses_out_of_range_values(bad):
+  key, value = bad.split("=")
+  with pytest.raises(ValueError, match=key):
+    refine.resolve_params(**{key: value})
