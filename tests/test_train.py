@@ -153,6 +153,11 @@ def _checkpoint_steps(ckpt_dir):
           int(reader.get_tensor("critic_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")))
 
 
+def _latest_step(ckpt_dir):
+  latest = tf.train.latest_checkpoint(str(ckpt_dir))
+  return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
 def test_sigkill_then_rerun_resumes_both_optimizers_and_the_step(tmp_path, tiny_dataset):
   model_dir = tmp_path / "run"
   ckpt_dir = model_dir / "ckpt" / "wgan_gp"
@@ -165,11 +170,13 @@ def test_sigkill_then_rerun_resumes_both_optimizers_and_the_step(tmp_path, tiny_
   proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,  # pylint: disable=consider-using-with
                           stderr=subprocess.DEVNULL)
   try:
+    # Wait on the manager's state file, not on ``ckpt-4.index``: the index is written before the
+    # state file names it, so a kill in between rightly resumes from the previous checkpoint.
     deadline = time.time() + 240
-    while time.time() < deadline and not glob.glob(str(ckpt_dir / "ckpt-4.index")):
+    while time.time() < deadline and _latest_step(ckpt_dir) < 4:
       assert proc.poll() is None, "training ended before it could be killed"
       time.sleep(0.2)
-    assert glob.glob(str(ckpt_dir / "ckpt-4.index")), "no checkpoint within the deadline"
+    assert _latest_step(ckpt_dir) >= 4, "no checkpoint within the deadline"
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
