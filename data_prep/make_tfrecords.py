@@ -51,6 +51,14 @@ _SUBJECT_SHAPE = flags.DEFINE_list("subject_shape", None, "Simulation grid i,j,k
                                    "phantom's natural grid).")
 _BACKGROUND_ORDER = flags.DEFINE_integer("background_order", 0, "Residual background field "
                                          "polynomial degree added to simulated fields.")
+_MODEL_ERRORS = flags.DEFINE_enum(
+    "model_errors", "none", ["none", "realistic"],
+    "Departures from the dipole model in simulated fields: none, or realistic levels drawn per "
+    "subject from its seed (data_prep.model_errors: correlated noise, background residuals at "
+    "the edge and smooth, white-matter anisotropy, a mask a few voxels off); the target stays "
+    "the true chi.")
+_MODEL_ERROR_FRACTION = flags.DEFINE_float("model_error_fraction", 1.0, "Share of simulated "
+                                           "subjects with --model_errors (drawn per subject).")
 _TARGET = flags.DEFINE_enum("target", "chi", ["chi", "cosmos"], "Training target.")
 _INPUT_PATCH = flags.DEFINE_integer("input_patch", 64, "Field patch edge, voxels.")
 _OUTPUT_PATCH = flags.DEFINE_integer("output_patch", 48, "Target patch edge, voxels (centred).")
@@ -144,7 +152,8 @@ def main(argv):
       lesion_fraction=_LESION_FRACTION.value, snrs=snrs,
       voxel_sizes=_voxel_sizes(_VOXEL_SIZES.value),
       b0_tilts_deg=_floats(_B0_TILT.value, "b0_tilt_deg"), shape=shape, target=_TARGET.value,
-      background_order=_BACKGROUND_ORDER.value)
+      background_order=_BACKGROUND_ORDER.value, model_errors=_MODEL_ERRORS.value,
+      model_error_fraction=_MODEL_ERROR_FRACTION.value)
   if _SUBJECTS_DIR.value:
     specs += pipeline.real_specs(_SUBJECTS_DIR.value, _SEED.value, _VAL_FRACTION.value,
                                  _TARGET.value)

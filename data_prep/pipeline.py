@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data_prep import manifest as manifest_lib
+from data_prep import model_errors as model_errors_lib
 from data_prep import patches as patches_lib
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
@@ -57,6 +58,8 @@ class SubjectSpec:
     shape: simulation grid; None = the phantom's natural grid.
     target: 'chi' or 'cosmos'.
     background_order: residual background polynomial degree (0 = none).
+    model_errors: 'none', or 'realistic': departures from the dipole model drawn from the
+      subject's seed (`data_prep.model_errors.realistic_model_errors`, as ``make_phantom``).
     path: a real subject's folder.
   """
   subject_id: str
@@ -70,6 +73,7 @@ class SubjectSpec:
   shape: tuple[int, int, int] | None = None
   target: str = "chi"
   background_order: int = 0
+  model_errors: str = "none"
   path: str | None = None
 
 
@@ -110,10 +114,14 @@ def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: fl
                     voxel_sizes: Sequence[Sequence[float]] = ((1.0, 1.0, 1.0),),
                     b0_tilts_deg: Sequence[float] = (0.0,),
                     shape: Sequence[int] | None = None, target: str = "chi",
-                    background_order: int = 0) -> list[SubjectSpec]:
+                    background_order: int = 0,
+                    model_errors: str = "none",
+                    model_error_fraction: float = 1.0) -> list[SubjectSpec]:
   """Specs of the simulated subjects: per subject, SNR, voxel size and B0 tilt are drawn from
   the given lists and lesions with probability ``lesion_fraction`` (brains only), all from the
-  subject's own seed.
+  subject's own seed; with ``model_errors='realistic'`` a share ``model_error_fraction`` of the
+  subjects (drawn per subject) also gets the model errors its seed draws
+  (`data_prep.model_errors.realistic_model_errors`).
   """
   if n_brains < 0 or n_shapes < 0:
     raise InputError("numbers of synthetic subjects must be >= 0")
@@ -121,6 +129,11 @@ def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: fl
     raise InputError(f"--lesion_fraction must be in [0, 1], got {lesion_fraction}")
   if not snrs or not voxel_sizes or not b0_tilts_deg:
     raise InputError("--snr, --voxel_sizes and --b0_tilt_deg need at least one value")
+  if model_errors not in model_errors_lib.MODEL_ERROR_MODES:
+    raise InputError(f"--model_errors must be one of {', '.join(model_errors_lib.MODEL_ERROR_MODES)}"
+                     f", got {model_errors!r}")
+  if not 0.0 <= model_error_fraction <= 1.0:
+    raise InputError(f"--model_error_fraction must be in [0, 1], got {model_error_fraction}")
   specs = []
   for kind, count in zip(SYNTHETIC_KINDS, (n_brains, n_shapes)):
     ids = [f"{kind}-{i:05d}" for i in range(count)]
@@ -132,11 +145,15 @@ def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: fl
       voxel = tuple(float(v) for v in voxel_sizes[int(rng.integers(len(voxel_sizes)))])
       b0 = tilted_b0(b0_tilts_deg[int(rng.integers(len(b0_tilts_deg)))], rng)
       lesions = kind == "brain" and bool(rng.random() < lesion_fraction)
+      # Drawn last and only when asked, so that datasets without errors keep their subjects.
+      errors = model_errors
+      if model_errors != "none" and model_error_fraction < 1.0:
+        errors = model_errors if rng.random() < model_error_fraction else "none"
       specs.append(SubjectSpec(
           subject_id=sid, split=splits[sid], kind=kind, seed=subject_seed, snr=snr,
           voxel_size_mm=voxel, b0_dir=b0, lesions=lesions,
           shape=tuple(int(n) for n in shape) if shape else None, target=target,
-          background_order=int(background_order)))
+          background_order=int(background_order), model_errors=errors))
   return specs
 
 
@@ -166,11 +183,13 @@ def make_subject(spec: SubjectSpec):
     subject = subjects_lib.load_subject(spec.path, target=spec.target)
   else:
     from data_prep import simulate  # pylint: disable=import-outside-toplevel
+    errors = (model_errors_lib.realistic_model_errors(spec.seed)
+              if spec.model_errors == "realistic" else None)
     subject = simulate.simulate_subject(
         spec.kind, spec.seed, shape=spec.shape, voxel_size_mm=spec.voxel_size_mm,
         b0_dir=spec.b0_dir, snr=spec.snr, lesions=spec.lesions,
         background_order=spec.background_order, target=spec.target,
-        subject_id=spec.subject_id)
+        subject_id=spec.subject_id, model_errors=errors)
   if str(subject.subject_id) != spec.subject_id:
     subject = dataclasses.replace(subject, subject_id=spec.subject_id)
   return spec, subject
@@ -191,6 +210,7 @@ def subject_summary(spec_subject) -> dict:
       "lesions": spec.lesions,
       "target": spec.target,
       "mask_voxels": int(np.count_nonzero(subject.mask)),
+      "model_errors": subject.meta.get("model_errors", {}).get("levels"),
   }
 
 

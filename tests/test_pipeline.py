@@ -1,5 +1,6 @@
 """The Beam pipeline and its binary: split by subject, a faithful manifest, determinism."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -173,3 +174,40 @@ def test_b0_tilt_draws_have_the_requested_angle():
   for spec in specs:
     assert np.degrees(np.arccos(spec.b0_dir[2])) == pytest.approx(20.0)
   assert len({s.b0_dir for s in specs}) == 6  # random azimuths
+
+
+def test_realistic_model_errors_change_the_field_not_the_truth():
+  args = dict(_SPEC_ARGS, snrs=[100.0])
+  clean = pipeline.synthetic_specs(2, 0, 5, **args)
+  realistic = pipeline.synthetic_specs(2, 0, 5, **args, model_errors="realistic")
+  assert [s.seed for s in clean] == [s.seed for s in realistic]
+  for plain_spec, error_spec in zip(clean, realistic):
+    _, plain = pipeline.make_subject(plain_spec)
+    _, subject = pipeline.make_subject(error_spec)
+    levels = pipeline.subject_summary((error_spec, subject))["model_errors"]
+    assert levels is not None and levels == pipeline.subject_summary(
+        (error_spec, pipeline.make_subject(error_spec)[1]))["model_errors"]  # from the seed
+    assert pipeline.subject_summary((plain_spec, plain))["model_errors"] is None
+    given = subject.mask & plain.mask
+    # The target is the true chi wherever both masks hold; the field carries the errors.
+    np.testing.assert_array_equal(subject.chi_ppm[given], plain.chi_ppm[given])
+    error = subject.components["model_error_ppm"]
+    assert np.any(error[subject.mask])  # seed 5 draws active errors for both brains
+    np.testing.assert_allclose(
+        subject.field_ppm[given] - error[given] - subject.components["noise_ppm"][given],
+        plain.field_ppm[given] - plain.components["noise_ppm"][given], atol=1e-5)
+  with pytest.raises(InputError, match="--model_errors"):
+    pipeline.synthetic_specs(1, 0, 5, **args, model_errors="huge")
+  with pytest.raises(InputError, match="--model_error_fraction"):
+    pipeline.synthetic_specs(1, 0, 5, **args, model_errors="realistic", model_error_fraction=2)
+
+
+def test_model_error_fraction_draws_per_subject_and_keeps_the_rest():
+  args = dict(_SPEC_ARGS, snrs=[100.0])
+  clean = pipeline.synthetic_specs(40, 0, 3, **args)
+  half = pipeline.synthetic_specs(40, 0, 3, **args, model_errors="realistic",
+                                  model_error_fraction=0.5)
+  with_errors = sum(s.model_errors == "realistic" for s in half)
+  assert 10 <= with_errors <= 30
+  # Everything else about each subject is as without errors.
+  assert [dataclasses.replace(s, model_errors="none") for s in half] == clean
