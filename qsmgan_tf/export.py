@@ -39,6 +39,13 @@ _REFINE = flags.DEFINE_string("refine", None, "Refinement parameters recorded in
                               "by benchmarks/tune_refine.py; unset keys keep the defaults.")
 
 
+_FIELD_REFERENCE = flags.DEFINE_float(
+    "field_reference_std_ppm", None, "Field amplitude (robust std inside the mask, ppm) the "
+    "network runs at: each field is scaled to it and the network's output scaled back "
+    "(recorded in the contract's 'inference'); 0 = off; unset keeps the source's "
+    "(benchmarks/field_amplitude.py measures it on the tuning phantoms).")
+
+
 @cli.one_line_errors
 def main(argv):
   if len(argv) > 1:
@@ -47,12 +54,15 @@ def main(argv):
     raise InputError("give exactly one of --model_dir (a training folder) and --from_model "
                      "(an exported SavedModel)")
   refine_params = exporting.parse_refine(_REFINE.value)
+  inference_params = ({} if _FIELD_REFERENCE.value is None
+                      else {"field_reference_std_ppm": _FIELD_REFERENCE.value})
   if _FROM_MODEL.value:
     path = exporting.reexport_model(_FROM_MODEL.value, _EXPORT_BASE.value, _VERSION.value,
-                                    refine_params)
+                                    refine_params, inference_params)
   else:
     path = exporting.export_model(_MODEL_DIR.value, _EXPORT_BASE.value, _VERSION.value,
-                                  _WHICH.value, refine_params=refine_params)
+                                  _WHICH.value, refine_params=refine_params,
+                                  inference_params=inference_params)
   print(path)
   return 0
 

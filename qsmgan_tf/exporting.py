@@ -353,15 +353,27 @@ def parse_refine(text: str | None) -> dict[str, Any]:
   return out
 
 
+def _with_inference(contract: dict[str, Any], inference_params: dict[str, Any] | None):
+  """``contract`` with ``inference_params`` over its ``inference`` entry (checked)."""
+  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
+  if inference_params:
+    contract["inference"] = {**inference.tiling_params(contract), **inference_params}
+    inference.tiling_params(contract)
+  return contract
+
+
 def export_model(model_dir, export_base, version: int | None = None, which: str = "best",
-                 refine_params: dict[str, Any] | None = None) -> pathlib.Path:
+                 refine_params: dict[str, Any] | None = None,
+                 inference_params: dict[str, Any] | None = None) -> pathlib.Path:
   """Exports a training folder's generator; see `export_generator`.
 
   ``refine_params`` (e.g. chosen by ``benchmarks/tune_refine.py``) override the refinement
   defaults the contract records; parameters not given keep `refine.DEFAULTS`.
+  ``inference_params`` override ``contract['inference']`` (`inference.TILING_DEFAULTS` keys,
+  e.g. ``field_reference_std_ppm`` from ``benchmarks/field_amplitude.py``).
   """
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
-  contract = read_contract(model_dir)
+  contract = _with_inference(read_contract(model_dir), inference_params)
   if refine_params:
     contract["refine"] = {**refine.resolve_params(contract), **refine_params}
   check_version(export_base, version)  # fail before the slow part
@@ -371,7 +383,8 @@ def export_model(model_dir, export_base, version: int | None = None, which: str 
 
 
 def reexport_model(source, export_base, version: int | None = None,
-                   refine_params: dict[str, Any] | None = None) -> pathlib.Path:
+                   refine_params: dict[str, Any] | None = None,
+                   inference_params: dict[str, Any] | None = None) -> pathlib.Path:
   """Exports an exported model's generator again, with new refinement parameters: the same
   network, a new contract ``refine`` entry (e.g. re-tuned by ``benchmarks/tune_refine.py``
   without retraining); the rest of the contract (data, training facts) is kept.
@@ -381,11 +394,13 @@ def reexport_model(source, export_base, version: int | None = None,
     export_base, version: as `export_generator`.
     refine_params: override the source contract's ``refine`` (unset keys keep it, then
       `refine.DEFAULTS`).
+    inference_params: override the source contract's ``inference`` (as `export_model`).
   """
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
   source_version = resolve_saved_model(source)
   check_version(export_base, version)  # fail before the slow part
   generator, contract = generator_from_saved_model(source_version)
+  contract = _with_inference(contract, inference_params)
   contract["refine"] = {**refine.resolve_params(contract), **(refine_params or {})}
   previous = contract.pop("export", {}) or {}
   return export_generator(generator, contract, export_base, version,

@@ -73,10 +73,18 @@ IMPORTANCE_FLOOR = 1e-3
 # overlap 0.25 the step is 128 (176 x 0.75 rounded down to 2**depth). Narrower models
 # (cpu_small) and bfloat16 need less per voxel: for them the budget is conservative.
 TILING_DEFAULTS = {"max_single_pass_voxels": 23_000_000, "tile_output_voxels": 176,
-                   "tile_overlap": 0.25}
-"""In-graph tiling (recorded in the model contract as ``contract['inference']``): the
-network's input voxels above which `network_volume_tf` tiles, the tile's output edge and the
-requested overlap between neighbouring tiles."""
+                   "tile_overlap": 0.25, "field_reference_std_ppm": 0.0}
+"""The network pass (recorded in the model contract as ``contract['inference']``): the
+network's input voxels above which `network_volume_tf` tiles, the tile's output edge, the
+requested overlap between neighbouring tiles, and the field amplitude the network runs at
+(`field_amplitude_scale`; 0 = the field as given, as in contracts written before the key)."""
+# The amplitude scale is kept within [1/AMPLITUDE_SCALE_LIMIT, AMPLITUDE_SCALE_LIMIT]: a field
+# far off the training amplitude is more likely a unit or masking error than anatomy, and an
+# empty or constant field has no amplitude to match.
+AMPLITUDE_SCALE_LIMIT = 4.0
+# 1.4826 x the median absolute deviation is the standard deviation of a Gaussian; the median
+# is not moved by the few veins, haemorrhages or edge voxels that dominate a field's plain std.
+_MAD_TO_STD = 1.4826
 
 
 # --------------------------------------------------------------------------------------
@@ -156,6 +164,9 @@ def tiling_params(contract: dict[str, Any] | None = None) -> dict[str, Any]:
   for key, value in ((contract or {}).get("inference") or {}).items():
     if key in out and value is not None:
       out[key] = type(TILING_DEFAULTS[key])(value)
+  if out["field_reference_std_ppm"] < 0:
+    raise InputError(f"contract inference: field_reference_std_ppm must be >= 0, got "
+                     f"{out['field_reference_std_ppm']}")
   if out["max_single_pass_voxels"] < 1 or out["tile_output_voxels"] < 1:
     raise InputError(f"contract inference: max_single_pass_voxels and tile_output_voxels must "
                      f"be >= 1, got {out}")
@@ -359,8 +370,67 @@ def volume_tiles_tf(generator, field_ppm, mask, margin: int, multiple: int, tile
   return _place_output_tf(y, m, shape, out_begin, n_out)
 
 
+def robust_std(values: np.ndarray) -> float:
+  """1.4826 x the median absolute deviation from the median (the std of a Gaussian)."""
+  values = np.asarray(values, np.float64).ravel()
+  if values.size == 0:
+    return 0.0
+  return float(_MAD_TO_STD * np.median(np.abs(values - np.median(values))))
+
+
+def field_amplitude_scale(field_ppm: np.ndarray, mask: np.ndarray,
+                          reference_std_ppm: float) -> float:
+  """The factor that brings a field to the amplitude the network was trained at.
+
+  The dipole inversion is linear, a trained network is not: ours under-estimates contrast more
+  the stronger the field (BUILD.md, "Field amplitude"). Running it on ``field * s`` and
+  dividing its output by ``s`` makes the network pass exactly scale-equivariant, with ``s``
+  the reference over the field's `robust_std` inside the mask, kept within
+  [1 / `AMPLITUDE_SCALE_LIMIT`, `AMPLITUDE_SCALE_LIMIT`]. `field_amplitude_scale_tf` is the
+  in-graph twin.
+
+  Args:
+    field_ppm: local field, ppm of B0.
+    mask: where the amplitude is measured (> 0.5 inside).
+    reference_std_ppm: the training fields' typical robust std, ppm (the contract's
+      ``inference.field_reference_std_ppm``); 0 = no scaling.
+
+  Returns:
+    ``s`` (1.0 when ``reference_std_ppm`` is 0 or the field has no spread in the mask).
+  """
+  if reference_std_ppm <= 0:
+    return 1.0
+  std = robust_std(np.asarray(field_ppm)[np.asarray(mask) > 0.5])
+  if not std > 0:
+    return 1.0
+  return float(np.clip(reference_std_ppm / std, 1.0 / AMPLITUDE_SCALE_LIMIT,
+                       AMPLITUDE_SCALE_LIMIT))
+
+
+def _median_tf(values):
+  """Median of a non-empty 1-D tensor (the mean of the two middle values for an even count)."""
+  ordered = tf.sort(values)
+  n = tf.size(ordered)
+  return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+
+
+def field_amplitude_scale_tf(field_ppm, mask, reference_std_ppm: float):
+  """`field_amplitude_scale` in the graph (``reference_std_ppm`` a Python float > 0)."""
+  values = tf.boolean_mask(tf.convert_to_tensor(field_ppm, tf.float32),
+                           tf.cast(tf.convert_to_tensor(mask), tf.float32) > 0.5)
+  std = tf.cond(tf.size(values) > 0,
+                lambda: _MAD_TO_STD * _median_tf(tf.abs(values - _median_tf(values))),
+                lambda: tf.constant(0.0, tf.float32))
+  limit = tf.constant(AMPLITUDE_SCALE_LIMIT, tf.float32)
+  return tf.where(std > 0,
+                  tf.clip_by_value(reference_std_ppm / tf.maximum(std, 1e-30), 1.0 / limit,
+                                   limit),
+                  tf.constant(1.0, tf.float32))
+
+
 def network_volume_tf(generator, field_ppm, mask, margin: int, multiple: int,
-                      max_single_pass_voxels: int, tile_out: int, step: int):
+                      max_single_pass_voxels: int, tile_out: int, step: int,
+                      field_reference_std_ppm: float = 0.0):
   """The network over a whole volume: `volume_pass_tf` when its input region has at most
   ``max_single_pass_voxels`` voxels, else `volume_tiles_tf` (Gaussian blending); chosen in
   the graph per input (`tf.cond`), so one signature serves any volume size.
@@ -369,6 +439,8 @@ def network_volume_tf(generator, field_ppm, mask, margin: int, multiple: int,
     generator, field_ppm, mask, margin, multiple: as in `volume_pass_tf`.
     max_single_pass_voxels: largest input region (voxels, margins included) run in one pass.
     tile_out, step: as in `volume_tiles_tf` (`tile_geometry` of the model's contract).
+    field_reference_std_ppm: > 0: the network runs on the field brought to this amplitude
+      and its output is scaled back (`field_amplitude_scale_tf`); 0: on the field as given.
 
   Returns:
     chi_ppm float32 [X, Y, Z], 0 outside the mask.
@@ -377,6 +449,10 @@ def network_volume_tf(generator, field_ppm, mask, margin: int, multiple: int,
     InputError: a tile or step off the pooling grid (at trace time).
   """
   _check_tiles(margin, multiple, tile_out, step)
+  scale = None
+  if field_reference_std_ppm > 0:
+    scale = field_amplitude_scale_tf(field_ppm, mask, float(field_reference_std_ppm))
+    field_ppm = tf.convert_to_tensor(field_ppm, tf.float32) * scale
   x, m, shape, out_begin, n_out = _network_region_tf(field_ppm, mask, margin, multiple)
   # int64: a large volume's voxel count overflows int32.
   voxels = tf.reduce_prod(tf.cast(tf.shape(x), tf.int64))
@@ -384,7 +460,8 @@ def network_volume_tf(generator, field_ppm, mask, margin: int, multiple: int,
               lambda: _run_generator_tf(generator, x),
               lambda: _tiles_tf(generator, x, n_out, margin, tile_out, step, "gaussian",
                                 DEFAULT_SIGMA_SCALE))
-  return _place_output_tf(y, m, shape, out_begin, n_out)
+  chi = _place_output_tf(y, m, shape, out_begin, n_out)
+  return chi if scale is None else chi / scale
 
 
 def _check_tiles(margin: int, multiple: int, tile_out: int, step: int) -> None:
@@ -402,7 +479,8 @@ def _network_args(contract: dict[str, Any]) -> dict[str, int]:
   tiles = tile_geometry(contract)
   return {"margin": geo["margin"], "multiple": geo["multiple"],
           "max_single_pass_voxels": tiles["max_single_pass_voxels"],
-          "tile_out": tiles["tile_output_voxels"], "step": tiles["tile_step_voxels"]}
+          "tile_out": tiles["tile_output_voxels"], "step": tiles["tile_step_voxels"],
+          "field_reference_std_ppm": tiling_params(contract)["field_reference_std_ppm"]}
 
 
 def _volume_specs():
@@ -1270,7 +1348,12 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     whole_graph = (inference == "single" and frame.identity and method == "cg"
                    and params == contract_params)
     outputs = None
+    # The model's own passes scale the field in the graph; the same statistic here records the
+    # scale (and applies it to the client's sliding window).
+    reference_std = tiling_params(contract)["field_reference_std_ppm"]
     if whole_graph:
+      if reference_std > 0:
+        info["network_field_scale"] = field_amplitude_scale(field, mask, reference_std)
       info["network_pass"] = _network_plan(backend, mask)
       outputs = backend.predict_volume(field, mask.astype(np.float32), b0.astype(np.float32),
                                        np.asarray(voxel, np.float32), magnitude)
@@ -1286,14 +1369,18 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       info["residual_after"] = float(outputs["residual_after"])
     else:
       field_m, mask_m = frame.forward(field)
+      if reference_std > 0:
+        info["network_field_scale"] = field_amplitude_scale(field_m, mask_m, reference_std)
       if inference == "single":
         info["network_pass"] = _network_plan(backend, mask_m)
         chi_m = backend.network_volume(field_m, mask_m)
       else:
+        scale = np.float32(info.get("network_field_scale", 1.0))
         chi_m, info["sliding_window"] = sliding_window(
-            field_m, mask_m, backend.patch_fn, roi_size=roi_size or geo["output_patch"],
+            field_m * scale, mask_m, backend.patch_fn, roi_size=roi_size or geo["output_patch"],
             margin=geo["margin"], multiple=geo["multiple"], overlap=overlap, mode=mode,
             sigma_scale=sigma_scale, sw_batch_size=sw_batch_size, progress=progress)
+        chi_m = chi_m / scale
       chi_net = frame.backward(chi_m, mask_m)
       timings["network_s"] = time.perf_counter() - t0
       t1 = time.perf_counter()

@@ -551,3 +551,85 @@ def test_server_and_rest_url_delegate_to_serving(monkeypatch, tiny):
                                            progress=False)
   assert info["backend"] == "rest" and info["inference"] == "sliding_window"
   assert _corr(got, want, mask) > 0.995
+
+
+def _amplitude_contract(reference_std_ppm):
+  return dict(_CONTRACT, inference={"field_reference_std_ppm": reference_std_ppm})
+
+
+@pytest.mark.parametrize("voxels", [1000, 999])  # even and odd counts: the median's two forms
+def test_field_amplitude_scale_graph_equals_numpy(voxels):
+  rng = np.random.default_rng(voxels)
+  field = (rng.standard_normal((10, 10, 12)) * 0.01).astype(np.float32)
+  mask = np.zeros(field.shape, bool)
+  mask.flat[:voxels] = True
+  values = field[mask].astype(np.float64)
+  mad_std = 1.4826 * np.median(np.abs(values - np.median(values)))
+  for reference, want in ((0.02, 0.02 / mad_std), (1.0, 4.0), (1e-5, 0.25)):
+    got = inference.field_amplitude_scale(field, mask, reference)
+    assert got == pytest.approx(want, rel=1e-9)
+    graph = inference.field_amplitude_scale_tf(field, mask.astype(np.float32), reference)
+    assert float(graph) == pytest.approx(want, rel=1e-5)
+  # Off, and nothing to measure: no scaling.
+  assert inference.field_amplitude_scale(field, mask, 0.0) == 1.0
+  for flat, where in ((np.full_like(field, 0.3), mask), (field, np.zeros_like(mask))):
+    assert inference.field_amplitude_scale(flat, where, 0.02) == 1.0
+    assert float(inference.field_amplitude_scale_tf(flat, where.astype(np.float32), 0.02)) == 1.0
+
+
+def _saturating_generator(margin=4):
+  """A network that compresses strong fields, as a trained one does (tanh)."""
+  inp = keras.Input((None, None, None, 1))
+  x = keras.layers.Conv3D(1, 3, padding="same", use_bias=False,
+                          kernel_initializer=keras.initializers.RandomNormal(seed=3))(inp)
+  x = keras.layers.Activation("tanh")(keras.layers.Rescaling(200.0)(x))
+  return keras.Model(inp, keras.layers.Cropping3D(margin)(keras.layers.Rescaling(0.005)(x)))
+
+
+def test_amplitude_scaling_makes_the_network_pass_scale_equivariant():
+  _, field, mask = _phantom()
+  mask32 = mask.astype(np.float32)
+  generator = _saturating_generator()
+  reference = 2.0 * inference.robust_std(field[mask])  # 3x the field stays within the limits
+  plain = inference.make_network_volume_fn(generator, _CONTRACT)
+  scaled = inference.make_network_volume_fn(generator, _amplitude_contract(reference))
+  ratios = {}
+  for name, fn in (("plain", plain), ("scaled", scaled)):
+    once = fn(field, mask32)["chi_ppm"].numpy()
+    thrice = fn(field * np.float32(3.0), mask32)["chi_ppm"].numpy()
+    ratios[name] = np.abs(thrice - 3.0 * once).max() / np.abs(3.0 * once).max()
+  # The dipole inversion is linear; the network's output transform is not.
+  assert ratios["scaled"] < 1e-5 < 1e-2 < ratios["plain"]
+  # At the reference amplitude the scaled pass is the plain one.
+  s = inference.field_amplitude_scale(field, mask, reference)
+  at_reference = plain(field * np.float32(s), mask32)["chi_ppm"].numpy() / np.float32(s)
+  np.testing.assert_allclose(scaled(field, mask32)["chi_ppm"].numpy(), at_reference,
+                             atol=1e-5 * np.abs(at_reference).max())
+
+
+def test_reconstruct_records_the_amplitude_scale_on_every_path(tmp_path):
+  from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
+  _, field, mask = _phantom()
+  tiny = _saturating_generator()
+  reference = 3.0 * inference.robust_std(field[mask])  # into the tanh's bend
+  contract = _amplitude_contract(reference)
+  want_scale = inference.field_amplitude_scale(field, mask, reference)
+  assert want_scale == pytest.approx(3.0)
+  whole, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, contract), refine="none")
+  assert info["network_field_scale"] == pytest.approx(want_scale)
+  tiled, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, contract), refine="none",
+                                             inference="sliding_window", progress=False)
+  assert info["network_field_scale"] == pytest.approx(want_scale)
+  assert _corr(tiled, whole, mask) > 0.995
+  plain, info = inference.reconstruct_qsmgan(field, mask, model=(tiny, _CONTRACT), refine="none")
+  assert "network_field_scale" not in info
+  assert np.abs(plain - whole).max() > 0.05 * np.abs(whole).max()  # the scale mattered
+  # The exported model records the reference and scales in its own graph.
+  version = exporting.export_generator(tiny, contract, tmp_path / "qsmgan", version=1)
+  _, exported = exporting.load(version)
+  assert exported["inference"]["field_reference_std_ppm"] == pytest.approx(reference)
+  got, info = inference.reconstruct_qsmgan(field, mask, model=str(version), refine="none")
+  assert info["network_field_scale"] == pytest.approx(want_scale)
+  np.testing.assert_allclose(got, whole, atol=1e-5 * np.abs(whole).max())
+  with pytest.raises(InputError, match="field_reference_std_ppm"):
+    inference.tiling_params(_amplitude_contract(-1.0))
