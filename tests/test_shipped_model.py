@@ -62,3 +62,16 @@ def test_shipped_model_beats_tkd_and_lowers_the_residual(shipped, phantom):
             for name, x in (("qsmgan", chi), ("tkd", tkd))}
   assert scores["qsmgan"] < scores["tkd"], scores
   assert float(out["residual_after"]) < float(out["residual_before"])
+
+
+def test_shipped_network_pass_is_scale_equivariant(shipped, phantom):
+  """The shipped contract runs the network at its training amplitude: a field twice as strong
+  gives a map twice as strong (a linear inversion's invariant), to float32 round-off."""
+  _, model, contract = shipped
+  assert contract["inference"]["field_reference_std_ppm"] > 0
+  s = phantom
+  mask = s.mask.astype(np.float32)
+  maps = [model.signatures["network_volume"](
+      field_ppm=(s.field_ppm * np.float32(k)).astype(np.float32), mask=mask)["chi_ppm"].numpy()
+          for k in (1.0, 2.0)]
+  np.testing.assert_allclose(maps[1], 2.0 * maps[0], atol=1e-4 * np.abs(maps[1]).max())
