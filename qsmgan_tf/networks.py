@@ -166,6 +166,33 @@ def crop_margin(config: GeneratorConfig) -> int:
 
 
 @keras.saving.register_keras_serializable(package="qsmgan_tf")
+class LeakyMax(keras.layers.Layer):
+  """LeakyReLU as ``max(x, slope * x)`` (0 <= slope < 1: the same function and gradient).
+
+  Used after the generator's biased 1^3 head convolution. There Keras' LeakyReLU lets
+  TensorFlow's grappler remapper fuse Conv3D + BiasAdd + LeakyRelu in the training graph and then
+  abort, because the gradient (LeakyReluGrad) still reads the BiasAdd it removed: a harmless but
+  alarming ``E0000 ... remapper failed: INVALID_ARGUMENT`` line in every training log. A maximum
+  is not a fusion pattern. Weightless, so models built with either layer share their weights.
+  """
+
+  def __init__(self, negative_slope: float, **kwargs):
+    super().__init__(**kwargs)
+    if not 0.0 <= negative_slope < 1.0:
+      raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
+    self.negative_slope = float(negative_slope)
+
+  def call(self, x):
+    return keras.ops.maximum(x, x * self.negative_slope)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), "negative_slope": self.negative_slope}
+
+
+@keras.saving.register_keras_serializable(package="qsmgan_tf")
 class OutputTransform(keras.layers.Layer):
   """Maps the network's last conv output y to chi in ppm; ``forward`` is its inverse.
 
@@ -268,7 +295,7 @@ def build_generator(config: GeneratorConfig | None = None, name: str = "qsmgan_g
   if margin:
     x = keras.layers.Cropping3D(margin, name="centre_crop")(x)
   x = keras.layers.Conv3D(config.head_filters, 1, name="head_conv0")(x)
-  x = keras.layers.LeakyReLU(negative_slope=config.leaky_slope, name="head_act0")(x)
+  x = LeakyMax(config.leaky_slope, name="head_act0")(x)
   x = keras.layers.Conv3D(1, 1, dtype="float32", name="head_conv1")(x)
   chi = OutputTransform(config.output_transform, config.chi_scale, config.tanh_gain,
                         config.chi_max_ppm, name="chi_ppm")(x)

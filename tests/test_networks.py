@@ -163,3 +163,26 @@ def test_critic_is_conditional_strided_and_has_no_batchnorm():
   # Conditioned on the field: the same chi with another field scores differently.
   other = critic([field * 0.0, chi])
   assert not np.allclose(np.asarray(score), np.asarray(other))
+
+
+def test_leaky_max_is_leaky_relu_and_saves(tmp_path):
+  x = np.random.default_rng(0).standard_normal((2, 5, 5, 5, 3)).astype(np.float32)
+  reference = keras.layers.LeakyReLU(negative_slope=0.1)
+  ours = networks.LeakyMax(0.1)
+  np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours(x)),
+                                keras.ops.convert_to_numpy(reference(x)))
+  grads = []
+  for layer in (ours, reference):
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+      tape.watch(xt)
+      y = tf.reduce_sum(layer(xt) * xt)
+    grads.append(tape.gradient(y, xt).numpy())
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6)
+  inp = keras.Input((4, 4, 4, 1))
+  model = keras.Model(inp, networks.LeakyMax(0.2, name="act")(inp))
+  model.save(tmp_path / "m.keras")
+  loaded = keras.models.load_model(tmp_path / "m.keras")
+  assert loaded.get_layer("act").negative_slope == pytest.approx(0.2)
+  with pytest.raises(ValueError, match="negative_slope"):
+    networks.LeakyMax(1.5)
