@@ -444,3 +444,33 @@ def test_export_binary_needs_exactly_one_source(tmp_path, sources):
   proc = _run_export(*sources, f"--export_base={tmp_path}")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "exactly one of --model_dir" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_mixed_precision_generator_is_served_in_float32(exported, tmp_path):
+  """Training precision must not leak into serving: a generator saved under mixed_bfloat16
+  exports as float32 convolutions with its weights, giving the float32 model's numbers."""
+  from tensorflow.core.framework import types_pb2  # pylint: disable=import-outside-toplevel
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
+  _, generator, contract = exported
+  previous = keras.config.dtype_policy()
+  keras.config.set_dtype_policy("mixed_bfloat16")
+  try:
+    mixed = networks.build_generator(networks.PRESETS["test_tiny"])
+  finally:
+    keras.config.set_dtype_policy(previous)
+  for target, source in zip(mixed.weights, generator.weights):
+    target.assign(source)
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "contract.json").write_text(json.dumps(contract))
+  mixed.save(model_dir / "generator_best.keras")
+  path = export.export_model(model_dir, tmp_path / "qsmgan")
+  proto = saved_model_pb2.SavedModel()
+  proto.ParseFromString((path / "saved_model.pb").read_bytes())
+  conv_types = {node.attr["T"].type for f in proto.meta_graphs[0].graph_def.library.function
+                for node in f.node_def if node.op == "Conv3D"}
+  assert conv_types == {types_pb2.DT_FLOAT}
+  x = np.random.default_rng(1).normal(0, 0.02, (1, 24, 24, 24, 1)).astype(np.float32)
+  (served,) = export.load(path)[0].signatures["serving_default"](field_ppm=x).values()
+  want = generator(x, training=False).numpy()
+  np.testing.assert_allclose(served.numpy(), want, atol=1e-5 * np.abs(want).max())
