@@ -314,33 +314,42 @@ def float32_generator(generator, contract: dict[str, Any]):
   Raises:
     InputError: the rebuilt generator has a weight the given one lacks.
   """
+  if all(layer.dtype_policy.compute_dtype == "float32" for layer in generator.layers):
+    return generator
+  return _float32_generator_with({w.path: w for w in generator.weights}, contract, "generator")
+
+
+def _float32_generator_with(weights: dict[str, Any], contract: dict[str, Any], source: str):
+  """The contract's generator built under the float32 policy, its weights taken from
+  ``weights`` (Keras path -> array or variable).
+
+  Raises:
+    InputError: ``source`` lacks one of the architecture's weights (or has another shape).
+  """
   import keras  # pylint: disable=import-outside-toplevel
 
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
-  if all(layer.dtype_policy.compute_dtype == "float32" for layer in generator.layers):
-    return generator
   previous = keras.config.dtype_policy()
   keras.config.set_dtype_policy("float32")
   try:
-    rebuilt = networks.build_generator(
+    generator = networks.build_generator(
         networks.GeneratorConfig.from_dict(inference.generator_config(contract)))
   finally:
     keras.config.set_dtype_policy(previous)
-  source = {w.path: w for w in generator.weights}
-  missing = [w.path for w in rebuilt.weights if w.path not in source
-             or tuple(source[w.path].shape) != tuple(w.shape)]
+  missing = [w.path for w in generator.weights if w.path not in weights
+             or tuple(weights[w.path].shape) != tuple(w.shape)]
   if missing:
-    raise InputError(f"generator lacks weights of its contract's architecture "
-                     f"({len(missing)} of {len(rebuilt.weights)}, e.g. {missing[0]})")
-  for w in rebuilt.weights:
-    w.assign(keras.ops.cast(source[w.path], "float32"))
-  return rebuilt
+    raise InputError(f"{source} lacks generator weights of its contract's architecture "
+                     f"({len(missing)} of {len(generator.weights)}, e.g. {missing[0]})")
+  for w in generator.weights:
+    w.assign(keras.ops.cast(weights[w.path], "float32"))
+  return generator
 
 
 def generator_from_saved_model(path) -> tuple[Any, dict[str, Any]]:
   """(Keras generator, contract) rebuilt from an exported SavedModel: the architecture from
-  its contract, the weights from its variables, matched by their Keras paths.
+  its contract (float32), the weights from its variables, matched by their Keras paths.
 
   Args:
     path: a version folder or a model base path (newest version).
@@ -350,23 +359,11 @@ def generator_from_saved_model(path) -> tuple[Any, dict[str, Any]]:
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
-
   version = resolve_saved_model(path)
   contract = read_contract(version / "assets")
-  generator = networks.build_generator(
-      networks.GeneratorConfig.from_dict(inference.generator_config(contract)))
   loaded = tf.saved_model.load(str(version))
   saved = {v.name.split(":")[0]: v for v in getattr(loaded, "_all_variables", loaded.variables)}
-  missing = [w.path for w in generator.weights if w.path not in saved
-             or tuple(saved[w.path].shape) != tuple(w.shape)]
-  if missing:
-    raise InputError(f"SavedModel {version} lacks generator weights "
-                     f"({len(missing)} of {len(generator.weights)}, e.g. {missing[0]})")
-  for w in generator.weights:
-    w.assign(saved[w.path].numpy())
-  return generator, contract
+  return _float32_generator_with(saved, contract, f"SavedModel {version}"), contract
 
 
 def parse_refine(text: str | None) -> dict[str, Any]:
