@@ -39,11 +39,12 @@ _REFERENCE = flags.DEFINE_float("reference_std_ppm", None, "Reference of step 2 
 
 
 def _row(chi, truth, mask, scale):
-  out = (chi[mask] - chi[mask].mean()) / scale
-  ref = truth[mask] - truth[mask].mean()
-  return {"slope": round(float(out @ ref / (ref @ ref)), 4),
-          "corr": round(float(np.corrcoef(out, ref)[0, 1]), 4),
-          "nrmse": round(100.0 * float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), 2)}
+  """Slope, correlation and NRMSE % of ``chi / scale`` against the truth (both demeaned)."""
+  from qsmgan_tf import metrics  # pylint: disable=import-outside-toplevel
+  chi = chi / np.float32(scale)
+  scores = metrics.evaluate(chi, truth, mask)
+  return {"slope": round(metrics.contrast_slope(chi, truth, mask), 4),
+          "corr": round(scores["correlation"], 4), "nrmse": round(scores["nrmse"], 2)}
 
 
 def main(argv):

@@ -388,10 +388,14 @@ def parse_refine(text: str | None) -> dict[str, Any]:
 
 
 def _with_inference(contract: dict[str, Any], inference_params: dict[str, Any] | None):
-  """``contract`` with ``inference_params`` over its ``inference`` entry (checked)."""
+  """``contract`` with ``inference_params`` over its ``inference`` entry (checked).
+
+  Raises:
+    InputError: a value out of range (`inference.tiling_params`).
+  """
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   if inference_params:
-    contract["inference"] = {**inference.tiling_params(contract), **inference_params}
+    contract["inference"] = {**(contract.get("inference") or {}), **inference_params}
     inference.tiling_params(contract)
   return contract
 
@@ -433,6 +437,7 @@ def reexport_model(source, export_base, version: int | None = None,
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
   source_version = resolve_saved_model(source)
   check_version(export_base, version)  # fail before the slow part
+  _with_inference({}, inference_params)  # likewise
   generator, contract = generator_from_saved_model(source_version)
   contract = _with_inference(contract, inference_params)
   contract["refine"] = {**refine.resolve_params(contract), **(refine_params or {})}

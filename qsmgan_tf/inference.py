@@ -84,7 +84,7 @@ requested overlap between neighbouring tiles, and the field amplitude the networ
 AMPLITUDE_SCALE_LIMIT = 4.0
 # 1.4826 x the median absolute deviation is the standard deviation of a Gaussian; the median
 # is not moved by the few veins, haemorrhages or edge voxels that dominate a field's plain std.
-_MAD_TO_STD = 1.4826
+_STD_PER_MAD = 1.4826
 
 
 # --------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def robust_std(values: np.ndarray) -> float:
   values = np.asarray(values, np.float64).ravel()
   if values.size == 0:
     return 0.0
-  return float(_MAD_TO_STD * np.median(np.abs(values - np.median(values))))
+  return float(_STD_PER_MAD * np.median(np.abs(values - np.median(values))))
 
 
 def field_amplitude_scale(field_ppm: np.ndarray, mask: np.ndarray,
@@ -383,7 +383,7 @@ def field_amplitude_scale(field_ppm: np.ndarray, mask: np.ndarray,
   """The factor that brings a field to the amplitude the network was trained at.
 
   The dipole inversion is linear, a trained network is not: ours under-estimates contrast more
-  the stronger the field (BUILD.md, "Field amplitude"). Running it on ``field * s`` and
+  the stronger the field (BUILD.md, "The network at its training amplitude"). Running it on ``field * s`` and
   dividing its output by ``s`` makes the network pass exactly scale-equivariant, with ``s``
   the reference over the field's `robust_std` inside the mask, kept within
   [1 / `AMPLITUDE_SCALE_LIMIT`, `AMPLITUDE_SCALE_LIMIT`]. `field_amplitude_scale_tf` is the
@@ -419,7 +419,7 @@ def field_amplitude_scale_tf(field_ppm, mask, reference_std_ppm: float):
   values = tf.boolean_mask(tf.convert_to_tensor(field_ppm, tf.float32),
                            tf.cast(tf.convert_to_tensor(mask), tf.float32) > 0.5)
   std = tf.cond(tf.size(values) > 0,
-                lambda: _MAD_TO_STD * _median_tf(tf.abs(values - _median_tf(values))),
+                lambda: _STD_PER_MAD * _median_tf(tf.abs(values - _median_tf(values))),
                 lambda: tf.constant(0.0, tf.float32))
   limit = tf.constant(AMPLITUDE_SCALE_LIMIT, tf.float32)
   return tf.where(std > 0,
