@@ -15,10 +15,16 @@ MEDI and TV at their documented defaults, plus ``--extra`` specs. Each method al
 demeaned map over the WHOLE mask, i.e. how much contrast it keeps (1 = all; the network alone
 keeps about 0.6). There is no segmentation, so QSM-CI's deep-grey-matter linearity is n/a here.
 
-Prints one JSON line per method (label, spec, nrmse, hfen, xsim, correlation, slope, seconds) and
-writes into ``--out_dir`` the evaluate report (results.md, results.json, one Chimap per method,
-figure.png at +-0.15 ppm, errors at the same window) and ``real_data.md`` (subject, command line,
-date, table).
+Each method also gets ``fine_energy`` (`metrics.fine_energy_fraction`: the share of its map's
+energy above 0.2 cycles/mm; COSMOS's own is in the spectral table) and a row of the spectral
+table (`metrics.spectral_bands`): its error's energy per radial band of k, inside and outside the
+dipole's cone, as % of COSMOS's energy (a row sums to NRMSE^2 / 100), so a change shows where
+it gained or lost: fine structure, the cone the network fills, or the well-measured rest.
+
+Prints one JSON line per method (label, spec, nrmse, hfen, xsim, correlation, slope,
+fine_energy, seconds) and writes into ``--out_dir`` the evaluate report (results.md,
+results.json, one Chimap per method, figure.png at +-0.15 ppm, errors at the same window) and
+``real_data.md`` (subject, command line, date, both tables).
 
 This subject is for validation only: never choose a parameter, a checkpoint or a method variant
 on it. Public QSM-CI in-vivo figures on it (NRMSE % against COSMOS, whole mask, demeaned), for
@@ -53,7 +59,7 @@ DEFAULT_METHODS = ("qsmgan,qsmgan:refine=none:label=network alone,tkd,cfl2,ilsqr
 SUBJECT = ("2016 QSM reconstruction challenge, in-vivo subject (3 T, single orientation), "
            "COSMOS reference")
 WINDOW_PPM = (-0.15, 0.15)
-JSON_KEYS = ("nrmse", "hfen", "xsim", "correlation", "slope")
+JSON_KEYS = ("nrmse", "hfen", "xsim", "correlation", "slope", "fine_energy")
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with field_ppm.nii.gz, mask.nii.gz and "
                                 "chi_cosmos.nii.gz (default: ../shared/real/qsm2016 beside the "
@@ -89,7 +95,8 @@ def run(data_dir, out_dir, methods: str, model=None, progress=True):
     progress: log each method.
 
   Returns:
-    ``(results, table)``: the scored `evaluation.MethodResult`s and the markdown table.
+    ``(results, table, spectral)``: the scored `evaluation.MethodResult`s, the markdown table
+    and the spectral table (`spectral_markdown`).
   """
   specs = evaluation.parse_method_specs(methods)
   folder = pathlib.Path(data_dir)
@@ -102,17 +109,48 @@ def run(data_dir, out_dir, methods: str, model=None, progress=True):
   for r in results:
     slope = metrics.contrast_slope(r.chi_ppm, truth_ppm, inputs.mask)
     r.metrics["slope"] = slope if math.isfinite(slope) else None
+    r.metrics["fine_energy"] = metrics.fine_energy_fraction(r.chi_ppm, inputs.mask,
+                                                            inputs.voxel_size_mm)
+    r.info["spectral_bands"] = metrics.spectral_bands(r.chi_ppm, truth_ppm, inputs.mask,
+                                                      inputs.voxel_size_mm, inputs.b0_dir)
   facts = dict(paths, subject=SUBJECT, voxel_size_mm=list(inputs.voxel_size_mm),
                b0_dir=[float(v) for v in inputs.b0_dir], b0_dir_source=inputs.b0_dir_source,
                shape=list(inputs.field_ppm.shape), mask_voxels=int(inputs.mask.sum()),
                slope="least-squares slope of the demeaned map on the demeaned COSMOS, whole mask")
   table = evaluation.write_report(out_dir, results, truth_ppm, inputs.mask, inputs.image,
                                   inputs.voxel_size_mm, facts, WINDOW_PPM, WINDOW_PPM)
-  return results, table
+  spectral = spectral_markdown(results, metrics.fine_energy_fraction(
+      truth_ppm, inputs.mask, inputs.voxel_size_mm))
+  return results, table, spectral
 
 
-def summary_markdown(table: str, command: str, when: str, data: str, models) -> str:
-  """``real_data.md``: subject, command line, date, qsmgan models and the table."""
+def _band_header(row) -> str:
+  lo, hi = row["band_cycles_per_mm"]
+  band = f"{lo:g}-{hi:g}" if hi is not None else f">{lo:g}"
+  return f"{'cone' if row['cone'] else 'off'} {band}"
+
+
+def spectral_markdown(results, reference_fine: float) -> str:
+  """Each method's error energy per band and cone side (% of COSMOS's energy), and COSMOS's
+  energy per band, as a markdown table (bands in cycles/mm; 'cone': ``|D| < 0.1``)."""
+  bands = results[0].info["spectral_bands"]
+  lines = ["| map | " + " | ".join(_band_header(r) for r in bands) + " | fine energy |",
+           "|---|" + "---:|" * (len(bands) + 1),
+           "| COSMOS energy | " + " | ".join(f"{r['truth_pct']:.1f}" for r in bands)
+           + f" | {reference_fine:.3f} |"]
+  for r in results:
+    lines.append(f"| {r.spec.label} error | "
+                 + " | ".join(f"{b['error_pct']:.1f}" for b in r.info["spectral_bands"])
+                 + f" | {r.metrics['fine_energy']:.3f} |")
+  return "\n".join(lines + ["", "Error energy per radial band of k (cycles/mm) inside ('cone', "
+                             "|D| < 0.1) and outside the dipole's cone, % of COSMOS's energy; a "
+                             "row sums to NRMSE^2 / 100. Fine energy: share of a map's energy "
+                             "above 0.2 cycles/mm.", ""])
+
+
+def summary_markdown(table: str, command: str, when: str, data: str, models,
+                     spectral: str = "") -> str:
+  """``real_data.md``: subject, command line, date, qsmgan models and the tables."""
   return "\n".join([
       "# Real-data benchmark", "",
       f"- Subject: {SUBJECT} (`{data}`); validation only, never tuned on.",
@@ -121,7 +159,7 @@ def summary_markdown(table: str, command: str, when: str, data: str, models) -> 
       "- Slope: least-squares slope of each demeaned map on COSMOS over the whole mask (no "
       "segmentation, so DGM linearity is n/a).",
       "- Public QSM-CI NRMSE % on this subject: QSMnet+ 51.1, LPCNN 52.1, tuned MEDI 60.0, tuned "
-      "TKD 62.7, released QSMGAN weights 73.2.", "", table])
+      "TKD 62.7, released QSMGAN weights 73.2.", "", table, "", spectral])
 
 
 @cli.one_line_errors
@@ -140,7 +178,7 @@ def main(argv):
     print(f"real-data benchmark skipped: {shown} is not there ({detail}); it holds the 2016 "
           f"QSM challenge subject, which is not distributed with the project.", file=sys.stderr)
     return 0
-  results, table = run(data_dir, _OUT_DIR.value, methods, _MODEL.value)
+  results, table, spectral = run(data_dir, _OUT_DIR.value, methods, _MODEL.value)
   for r in results:
     print(json.dumps({"label": r.spec.label, "spec": r.spec.spec,
                       **{k: r.metrics.get(k) for k in JSON_KEYS}, "seconds": r.seconds}),
@@ -149,9 +187,9 @@ def main(argv):
                          if r.spec.name == evaluation.QSMGAN)
   when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
   command = shlex.join(["python"] + sys.argv)
-  sys.stderr.write(table)
+  sys.stderr.write(table + "\n" + spectral)
   nifti_io.write_text(pathlib.Path(_OUT_DIR.value) / "real_data.md",
-                      summary_markdown(table, command, when, shown, models))
+                      summary_markdown(table, command, when, shown, models, spectral))
   return 0
 
 

@@ -7,7 +7,7 @@ Example:
   python -m data_prep.make_phantom --kind=brain --seed=7 --out_dir=/tmp/val --lesions \
       --b0_dir=0.2,0,1 --voxel_size_mm=1,1,2 --snr=100 --target=cosmos
   python -m data_prep.make_phantom --kind=brain --seed=8 --out_dir=/tmp/val --snr=40 \
-      --model_errors=realistic
+      --model_errors=realistic --detail=fine
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ _MODEL_ERRORS = flags.DEFINE_enum(
     "model_errors", "none", ["none", "realistic"],
     "Departures from the dipole model (data_prep.model_errors.ModelErrors): none, or realistic "
     "levels drawn from --seed (correlated noise, background residuals, WM anisotropy, mask error).")
+_DETAIL = flags.DEFINE_enum(
+    "detail", "none", ["none", "fine"],
+    "Brains' fine anatomy: none, or fine (thin veins, a 1.2 mm texture and folded tissue borders "
+    "from a stream of their own; data_prep.phantoms.brain_phantom).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing subject folder.")
 
 
@@ -48,7 +52,7 @@ def main(argv):
                lesions=_LESIONS.value, b0_dir=_B0_DIR.value, voxel_size_mm=_VOXEL_SIZE.value,
                shape=_SHAPE.value, snr=_SNR.value, background_order=_BACKGROUND_ORDER.value,
                target=_TARGET.value, overwrite=_OVERWRITE.value,
-               model_errors=_MODEL_ERRORS.value)
+               model_errors=_MODEL_ERRORS.value, detail=_DETAIL.value)
   return 0
 
 

@@ -59,6 +59,12 @@ _MODEL_ERRORS = flags.DEFINE_enum(
     "the true chi.")
 _MODEL_ERROR_FRACTION = flags.DEFINE_float("model_error_fraction", 1.0, "Share of simulated "
                                            "subjects with --model_errors (drawn per subject).")
+_DETAIL = flags.DEFINE_enum(
+    "detail", "none", ["none", "fine"],
+    "Simulated brains' fine anatomy: none, or fine (thin veins, a 1.2 mm texture, folded tissue "
+    "borders; data_prep.phantoms.brain_phantom).")
+_DETAIL_FRACTION = flags.DEFINE_float("detail_fraction", 1.0, "Share of simulated brains with "
+                                      "--detail (drawn per subject).")
 _TARGET = flags.DEFINE_enum("target", "chi", ["chi", "cosmos"], "Training target.")
 _INPUT_PATCH = flags.DEFINE_integer("input_patch", 64, "Field patch edge, voxels.")
 _OUTPUT_PATCH = flags.DEFINE_integer("output_patch", 48, "Target patch edge, voxels (centred).")
@@ -153,7 +159,8 @@ def main(argv):
       voxel_sizes=_voxel_sizes(_VOXEL_SIZES.value),
       b0_tilts_deg=_floats(_B0_TILT.value, "b0_tilt_deg"), shape=shape, target=_TARGET.value,
       background_order=_BACKGROUND_ORDER.value, model_errors=_MODEL_ERRORS.value,
-      model_error_fraction=_MODEL_ERROR_FRACTION.value)
+      model_error_fraction=_MODEL_ERROR_FRACTION.value, detail=_DETAIL.value,
+      detail_fraction=_DETAIL_FRACTION.value)
   if _SUBJECTS_DIR.value:
     specs += pipeline.real_specs(_SUBJECTS_DIR.value, _SEED.value, _VAL_FRACTION.value,
                                  _TARGET.value)

@@ -60,6 +60,9 @@ PD = {1: 0.78, 2: 0.72, 3: 0.78, 4: 0.74, 5: 0.74, 6: 0.72, 7: 0.76, 8: 0.69, 9:
 R2STAR_HZ = {1: 21.0, 2: 38.0, 3: 25.0, 4: 30.0, 5: 30.0, 6: 35.0, 7: 20.0, 8: 20.0, 9: 15.0,
              10: 3.0, 11: 45.0, 12: 20.0, 16: 90.0, 17: 180.0}
 
+# Brain phantom detail levels (`brain_phantom(detail=...)`).
+DETAIL_MODES = ("none", "fine")
+
 # Natural field of view of a brain phantom at 1 mm: the template's brain (about 145 x 182 x 155 mm)
 # with room for the random transforms, each axis a multiple of 16.
 BRAIN_FOV_MM = (176, 208, 176)
@@ -539,6 +542,45 @@ def _trace_midline_sinus(mask: np.ndarray, grid: Grid, inset_mm: float = 3.0) ->
   return np.concatenate([bezier_points([a, b], 0.25)[:-1] for a, b in zip(smooth[:-1], smooth[1:])])
 
 
+def _short_vessels(rng: np.random.Generator, template: _Template, count: int,
+                   length_mm: tuple[float, float]) -> list:
+  """Random short curved vessels from points of the brain in random directions (Bezier samples)."""
+  idx = np.flatnonzero(template.mask)
+  origin = np.asarray(template.grid.origin_mm)
+  vessels = []
+  for _ in range(count):
+    a = origin + np.array(np.unravel_index(idx[rng.integers(idx.size)], template.grid.shape))
+    direction = rng.standard_normal(3)
+    length = float(rng.uniform(*length_mm))
+    b = a + direction / max(float(np.linalg.norm(direction)), 1e-9) * length
+    mid = (a + b) / 2.0 + rng.normal(0.0, 0.2 * length, size=3)
+    vessels.append(bezier_points([a, mid, b]))
+  return vessels
+
+
+def _fine_detail(canvas: Canvas, template: _Template, rng: np.random.Generator,
+                 vein_ppm: float) -> dict:
+  """Adds what one brain has and the 152-brain template averages away (``detail='fine'``).
+
+  * Many thin veins (pial and medullary veins, 0.3-0.7 mm radius, 8-40 mm long; in vivo they are
+    the brightest fine structure of a susceptibility map), at 70-110 % of the large veins' value;
+  * a fine tissue texture of about 1.2 mm (cortical layers, iron and myelin at the scale of a
+    voxel), 0.005-0.010 ppm over grey and white matter.
+
+  Drawn from their own stream, so the rest of the phantom is the default one's.
+  """
+  grid = template.grid
+  inside = template.mask.astype(np.float32)
+  count = int(rng.integers(80, 161))
+  for points in _short_vessels(rng, template, count, (8.0, 40.0)):
+    canvas.paint(tube_region(grid, points, float(rng.uniform(0.3, 0.7))),
+                 vein_ppm * float(rng.uniform(0.7, 1.1)), 11, weight=inside)
+  texture_ppm = float(rng.uniform(0.005, 0.010))
+  canvas.chi += ((template.p_gm + template.p_wm) * smooth_field(grid.shape, rng, 1.2)
+                 * np.float32(texture_ppm))
+  return {"n_thin_vessels": count, "fine_texture_ppm": round(texture_ppm, 5)}
+
+
 def _random_vessels(rng: np.random.Generator, template: _Template, count: int) -> list:
   """Random curved vessels between points of the brain, as dense Bezier samples."""
   idx = np.flatnonzero(template.mask)
@@ -558,8 +600,10 @@ def _random_vessels(rng: np.random.Generator, template: _Template, count: int) -
 # --------------------------------------------------------------------------------------------------
 # Brain phantom
 # --------------------------------------------------------------------------------------------------
-def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Canvas, dict]:
-  """One random brain in template space: tissue values, textures, nuclei and veins.
+def _template_canvas(rng: np.random.Generator, template: _Template,
+                     detail_rng: np.random.Generator | None = None) -> tuple[Canvas, dict]:
+  """One random brain in template space: tissue values, textures, nuclei and veins
+  (and `_fine_detail` from ``detail_rng`` if given).
 
   Susceptibility and magnitude are built from related but different models, as in vivo, so a
   magnitude edge does not mark every susceptibility edge (which would flatter magnitude-guided
@@ -633,6 +677,8 @@ def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Can
   for points, radius in vessels:
     canvas.paint(tube_region(grid, points, radius), values[11] * rng.uniform(0.9, 1.1), 11,
                  weight=inside)
+  detail = (_fine_detail(canvas, template, detail_rng, values[11]) if detail_rng is not None
+            else None)
   # R2* independent of chi (water content, fibre orientation, ...), then the magnitude blur;
   # normalised by the blurred mask so the brain's outline does not darken.
   canvas.r2s += (2.0 * smooth_field(grid.shape, rng, 8.0)) * inside
@@ -653,12 +699,14 @@ def _template_canvas(rng: np.random.Generator, template: _Template) -> tuple[Can
           "magnitude": {"t1_weight": round(t1_weight, 4), "blur_mm": round(blur_mm, 3),
                         "r2star_per_ppm": round(r2s_per_ppm, 2),
                         "nucleus_r2star_visibility": visibility}}
+  if detail is not None:
+    meta["detail"] = detail
   return canvas, meta
 
 
 def brain_phantom(seed: int, shape: Sequence[int] | None = None,
                   voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
-                  lesions: bool = False) -> Phantom:
+                  lesions: bool = False, detail: str = "none") -> Phantom:
   """A random brain phantom (different anatomy and tissue values per seed).
 
   Geometry: the output grid is centred on the brain. ``shape=None`` covers `BRAIN_FOV_MM` at
@@ -675,15 +723,27 @@ def brain_phantom(seed: int, shape: Sequence[int] | None = None,
     shape: output grid (i, j, k), or None.
     voxel_size_mm: voxel size, mm.
     lesions: add 2-5 microbleeds and one calcification.
+    detail: 'none', or 'fine': the small-scale structure a 152-brain average lacks, from a
+      stream of its own (the rest of the phantom stays the default one's): thin veins and a
+      1.2 mm texture (`_fine_detail`) and a fine warp (about 6 mm, 0.8-1.6 mm std) that folds
+      the tissue borders as an individual cortex is folded. Real susceptibility maps carry
+      much more of their energy at fine scales than the default brains (BUILD.md, "Fine
+      anatomy").
 
   Returns:
     A `Phantom`.
+
+  Raises:
+    ValueError: unknown ``detail``.
   """
+  if detail not in DETAIL_MODES:
+    raise ValueError(f"detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
   template = load_template()
+  detail_rng = np.random.default_rng([int(seed), 3]) if detail == "fine" else None
   vox = tuple(float(v) for v in voxel_size_mm)
   shape = natural_shape(BRAIN_FOV_MM, vox) if shape is None else tuple(int(n) for n in shape)
   rng = np.random.default_rng([int(seed), 1])
-  canvas, meta = _template_canvas(rng, template)
+  canvas, meta = _template_canvas(rng, template, detail_rng)
 
   # Output mm -> template mm: q = centre + t + L p + u(p), L = rotation / (scale * zoom).
   # Fit the largest random scaling (1.1) so the random transform rarely pushes brain off the grid.
@@ -703,6 +763,11 @@ def brain_phantom(seed: int, shape: Sequence[int] | None = None,
       q += np.float32(linear[j, i]) * p[i].reshape([-1 if a == i else 1 for a in range(3)])
     coords.append(q)
   coords = np.stack(coords)
+  if detail_rng is not None:
+    fold_mm = float(detail_rng.uniform(0.8, 1.6))
+    for j in range(3):
+      coords[j] += smooth_field_mm(grid, detail_rng, 6.0 * zoom) * np.float32(fold_mm / zoom)
+    meta["detail"]["fold_warp_mm"] = round(fold_mm, 3)
 
   def sample(vol, order):
     return scipy.ndimage.map_coordinates(vol, coords, order=order, mode="constant", cval=0,

@@ -31,6 +31,7 @@ import numpy as np
 from data_prep import manifest as manifest_lib
 from data_prep import model_errors as model_errors_lib
 from data_prep import patches as patches_lib
+from data_prep import phantoms as phantoms_lib
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf import records
@@ -60,6 +61,7 @@ class SubjectSpec:
     background_order: residual background polynomial degree (0 = none).
     model_errors: 'none', or 'realistic': departures from the dipole model drawn from the
       subject's seed (`data_prep.model_errors.realistic_model_errors`, as ``make_phantom``).
+    detail: brains' fine anatomy, 'none' or 'fine' (`data_prep.phantoms.brain_phantom`).
     path: a real subject's folder.
   """
   subject_id: str
@@ -74,6 +76,7 @@ class SubjectSpec:
   target: str = "chi"
   background_order: int = 0
   model_errors: str = "none"
+  detail: str = "none"
   path: str | None = None
 
 
@@ -116,12 +119,15 @@ def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: fl
                     shape: Sequence[int] | None = None, target: str = "chi",
                     background_order: int = 0,
                     model_errors: str = "none",
-                    model_error_fraction: float = 1.0) -> list[SubjectSpec]:
+                    model_error_fraction: float = 1.0,
+                    detail: str = "none", detail_fraction: float = 1.0) -> list[SubjectSpec]:
   """Specs of the simulated subjects: per subject, SNR, voxel size and B0 tilt are drawn from
   the given lists and lesions with probability ``lesion_fraction`` (brains only), all from the
   subject's own seed; with ``model_errors='realistic'`` a share ``model_error_fraction`` of the
   subjects (drawn per subject) also gets the model errors its seed draws
-  (`data_prep.model_errors.realistic_model_errors`).
+  (`data_prep.model_errors.realistic_model_errors`); with ``detail='fine'`` a share
+  ``detail_fraction`` of the brains (drawn per subject) has the fine anatomy
+  (`data_prep.phantoms.brain_phantom`).
   """
   if n_brains < 0 or n_shapes < 0:
     raise InputError("numbers of synthetic subjects must be >= 0")
@@ -134,6 +140,11 @@ def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: fl
                      f", got {model_errors!r}")
   if not 0.0 <= model_error_fraction <= 1.0:
     raise InputError(f"--model_error_fraction must be in [0, 1], got {model_error_fraction}")
+  if detail not in phantoms_lib.DETAIL_MODES:
+    raise InputError(f"--detail must be one of {', '.join(phantoms_lib.DETAIL_MODES)}, "
+                     f"got {detail!r}")
+  if not 0.0 <= detail_fraction <= 1.0:
+    raise InputError(f"--detail_fraction must be in [0, 1], got {detail_fraction}")
   specs = []
   for kind, count in zip(SYNTHETIC_KINDS, (n_brains, n_shapes)):
     ids = [f"{kind}-{i:05d}" for i in range(count)]
@@ -149,11 +160,14 @@ def synthetic_specs(n_brains: int, n_shapes: int, seed: int, *, val_fraction: fl
       errors = model_errors
       if model_errors != "none" and model_error_fraction < 1.0:
         errors = model_errors if rng.random() < model_error_fraction else "none"
+      fine = detail if kind == "brain" else "none"
+      if fine != "none" and detail_fraction < 1.0:
+        fine = detail if rng.random() < detail_fraction else "none"
       specs.append(SubjectSpec(
           subject_id=sid, split=splits[sid], kind=kind, seed=subject_seed, snr=snr,
           voxel_size_mm=voxel, b0_dir=b0, lesions=lesions,
           shape=tuple(int(n) for n in shape) if shape else None, target=target,
-          background_order=int(background_order), model_errors=errors))
+          background_order=int(background_order), model_errors=errors, detail=fine))
   return specs
 
 
@@ -189,7 +203,7 @@ def make_subject(spec: SubjectSpec):
         spec.kind, spec.seed, shape=spec.shape, voxel_size_mm=spec.voxel_size_mm,
         b0_dir=spec.b0_dir, snr=spec.snr, lesions=spec.lesions,
         background_order=spec.background_order, target=spec.target,
-        subject_id=spec.subject_id, model_errors=errors)
+        subject_id=spec.subject_id, model_errors=errors, detail=spec.detail)
   if str(subject.subject_id) != spec.subject_id:
     subject = dataclasses.replace(subject, subject_id=spec.subject_id)
   return spec, subject
@@ -211,6 +225,7 @@ def subject_summary(spec_subject) -> dict:
       "target": spec.target,
       "mask_voxels": int(np.count_nonzero(subject.mask)),
       "model_errors": subject.meta.get("model_errors", {}).get("levels"),
+      "detail": spec.detail,
   }
 
 

@@ -110,10 +110,15 @@ class Subject:
 
 def make_phantom(kind: str, seed: int, shape: Sequence[int] | None = None,
                  voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
-                 lesions: bool = False) -> phantoms_lib.Phantom:
-  """The phantom of ``kind`` ('brain' or 'shapes') for ``seed`` on the requested grid."""
+                 lesions: bool = False, detail: str = "none") -> phantoms_lib.Phantom:
+  """The phantom of ``kind`` ('brain' or 'shapes') for ``seed`` on the requested grid.
+
+  ``detail`` ('none' or 'fine', `phantoms.DETAIL_MODES`) applies to brains; shapes ignore it."""
+  if detail not in phantoms_lib.DETAIL_MODES:
+    raise ValueError(f"detail must be one of {', '.join(phantoms_lib.DETAIL_MODES)}, "
+                     f"got {detail!r}")
   if kind == "brain":
-    return phantoms_lib.brain_phantom(seed, shape, voxel_size_mm, lesions)
+    return phantoms_lib.brain_phantom(seed, shape, voxel_size_mm, lesions, detail)
   if kind == "shapes":
     return shapes_lib.shapes_phantom(seed, shape, voxel_size_mm, lesions)
   raise ValueError(f"unknown phantom kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -190,7 +195,8 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
                      lesions: bool = False, background_order: int = 0, target: str = "chi", *,
                      b0_tesla: float = B0_TESLA, te_seconds: float = TE_SECONDS,
                      subject_id: str | None = None, cosmos_iterations: int = 4,
-                     model_errors: model_errors_lib.ModelErrors | None = None) -> Subject:
+                     model_errors: model_errors_lib.ModelErrors | None = None,
+                     detail: str = "none") -> Subject:
   """Simulates one subject from a phantom (see the module docstring for the models).
 
   Args:
@@ -207,6 +213,7 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
     te_seconds: echo time for the noise and magnitude models, s.
     subject_id: identifier; default ``<kind>-<seed:05d>``.
     cosmos_iterations: data-consistency iterations of the COSMOS target (`cosmos_masked`).
+    detail: brain phantoms' fine anatomy, 'none' or 'fine' (`phantoms.brain_phantom`).
     model_errors: departures from the dipole model added to the field
       (`data_prep.model_errors.ModelErrors`, added by `data_prep.model_errors.apply`); None or
       all 0 gives the subject without them, array for array. Drawn from their own streams: the
@@ -241,7 +248,7 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
   if int(background_order) < 0:
     raise ValueError(f"background_order must be >= 0, got {background_order}")
 
-  phantom = make_phantom(kind, seed, shape, vox, lesions)
+  phantom = make_phantom(kind, seed, shape, vox, lesions, detail)
   mask, chi = phantom.mask, phantom.chi_ppm
   errors = model_errors if model_errors is not None and model_errors.active else None
   given = model_errors_lib.given_mask(mask, errors)  # the mask the reconstruction gets
@@ -417,10 +424,12 @@ def parse_numbers(text: str, flag: str, cast=float, positive: bool = True) -> tu
 def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None = None,
                  lesions: bool = False, b0_dir: str = "0,0,1", voxel_size_mm: str = "1,1,1",
                  shape: str | None = None, snr: float = 100.0, background_order: int = 0,
-                 target: str = "chi", overwrite: bool = False, model_errors: str = "none"):
+                 target: str = "chi", overwrite: bool = False, model_errors: str = "none",
+                 detail: str = "none"):
   """Simulates one subject and writes it; returns the folder (`python -m data_prep.make_phantom`).
 
-  ``model_errors``: 'none', or 'realistic' for `model_errors.realistic_model_errors` (seed)."""
+  ``model_errors``: 'none', or 'realistic' for `model_errors.realistic_model_errors` (seed);
+  ``detail``: 'none', or 'fine' for brains' fine anatomy (`phantoms.brain_phantom`)."""
   b0 = nifti_io.parse_b0_dir(b0_dir)
   vox = parse_numbers(voxel_size_mm, "voxel_size_mm")
   grid = parse_numbers(shape, "shape", int) if shape else None
@@ -432,12 +441,15 @@ def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None 
     raise nifti_io.InputError("--model_errors must be one of "
                               f"{', '.join(model_errors_lib.MODEL_ERROR_MODES)}, "
                               f"got {model_errors!r}")
+  if detail not in phantoms_lib.DETAIL_MODES:
+    raise nifti_io.InputError(f"--detail must be one of {', '.join(phantoms_lib.DETAIL_MODES)}, "
+                              f"got {detail!r}")
   errors = (model_errors_lib.realistic_model_errors(seed) if model_errors == "realistic"
             else None)
   subject = simulate_subject(
       kind, seed, shape=grid, voxel_size_mm=vox, b0_dir=b0, snr=snr if snr > 0 else None,
       lesions=lesions, background_order=background_order, target=target, subject_id=subject_id,
-      model_errors=errors)
+      model_errors=errors, detail=detail)
   folder = write_subject(subject, pathlib.Path(out_dir) / subject.subject_id, overwrite)
   _log.info("wrote %s (%s, shape %s, voxel %s mm, B0 %s)", folder, kind,
                subject.field_ppm.shape, vox, b0.round(4).tolist())

@@ -127,3 +127,45 @@ def test_bad_input(kwargs, match, truth, mask):
   args.update(kwargs)
   with pytest.raises(InputError, match=match):
     metrics.evaluate(**args)
+
+
+def test_spectral_bands_sum_to_the_nrmse_and_find_a_low_pass_error(truth, mask):
+  bands = metrics.spectral_bands(truth, truth, mask)
+  assert all(r["error_pct"] == 0.0 and r["correlation"] == pytest.approx(1.0)
+             and r["gain"] == pytest.approx(1.0) for r in bands if r["truth_pct"] > 0)
+  assert sum(r["truth_pct"] for r in bands) == pytest.approx(100.0)
+  # A map with its fine part removed (an ideal low-pass at 0.2 cycles/mm): all of the error sits
+  # above the cut and equals the truth's energy there; below, the map is exact.
+  x = np.where(mask, truth - truth[mask].mean(), 0.0)
+  k = np.sqrt(sum(q**2 for q in np.meshgrid(*[np.fft.fftfreq(n) for n in _SHAPE],
+                                              indexing="ij")))
+  low = np.real(np.fft.ifftn(np.where(k < 0.2, np.fft.fftn(x), 0.0)))
+  # The low-pass leaks outside the mask, where maps are zeroed; score it on the whole grid.
+  full = np.ones(_SHAPE, bool)
+  truth_full = np.where(mask, x, 0.0)
+  rows = metrics.spectral_bands(low, truth_full, full)
+  for r in rows:
+    if r["band_cycles_per_mm"][0] >= 0.2:
+      assert r["error_pct"] == pytest.approx(r["truth_pct"], rel=1e-6)
+    else:
+      assert r["error_pct"] == pytest.approx(0.0, abs=1e-6)
+  nrmse = metrics.evaluate(low, truth_full, full)["nrmse"]
+  assert sum(r["error_pct"] for r in rows) == pytest.approx(nrmse**2 / 100.0, rel=1e-6)
+  assert metrics.fine_energy_fraction(low, full) == pytest.approx(0.0, abs=1e-9)
+  high = sum(r["truth_pct"] for r in rows if r["band_cycles_per_mm"][0] >= 0.2) / 100.0
+  assert metrics.fine_energy_fraction(truth_full, full) == pytest.approx(high)
+
+
+def test_spectral_bands_cone_follows_b0():
+  # One plane wave with k along (1, 1, 0): perpendicular to B0 = z (D = 1/3, off the cone), and
+  # in the cone (D = 0) for a B0 at the magic angle to k.
+  i, j, _ = np.meshgrid(*[np.arange(s) for s in _SHAPE], indexing="ij")
+  wave = np.cos(2 * np.pi * 3 * (i + j) / _SHAPE[0])
+  full = np.ones(_SHAPE, bool)
+  rows = metrics.spectral_bands(np.zeros(_SHAPE), wave, full, b0_dir=(0, 0, 1))
+  assert sum(r["truth_pct"] for r in rows if r["cone"]) == pytest.approx(0.0)
+  theta = np.arccos(1 / np.sqrt(3))
+  b0 = np.cos(theta) * np.array([1.0, 1.0, 0.0]) / np.sqrt(2.0) + np.sin(theta) * np.array([0, 0, 1])
+  rows = metrics.spectral_bands(np.zeros(_SHAPE), wave, full, b0_dir=tuple(b0))
+  assert sum(r["truth_pct"] for r in rows if r["cone"]) == pytest.approx(100.0)
+  assert all(r["error_pct"] == pytest.approx(r["truth_pct"]) for r in rows)  # a zero map

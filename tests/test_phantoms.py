@@ -277,3 +277,25 @@ def test_shapes_magnitude_draws_leave_chi_unchanged(monkeypatch):
   b = shapes.shapes_phantom(7, (32, 32, 32))
   np.testing.assert_array_equal(a.chi_ppm, b.chi_ppm)
   assert not np.array_equal(a.pd, b.pd)
+
+
+def test_fine_detail_adds_fine_structure_and_keeps_the_rest():
+  from qsmgan_tf import metrics  # pylint: disable=import-outside-toplevel
+  shape = (96, 112, 96)  # anatomy at about 0.6 of its size: fine structure still resolved
+  plain = phantoms.brain_phantom(4, shape)
+  fine = phantoms.brain_phantom(4, shape, detail="fine")
+  again = phantoms.brain_phantom(4, shape, detail="fine")
+  np.testing.assert_array_equal(fine.chi_ppm, again.chi_ppm)  # seeded
+  assert fine.meta["detail"] == again.meta["detail"] and "detail" not in plain.meta
+  assert 80 <= fine.meta["detail"]["n_thin_vessels"] <= 160
+  # Drawn from a stream of its own: tissue values, transform and warp stay the default brain's.
+  for key in ("tissue_chi_ppm", "rotation_deg", "scale", "warp_std_mm", "chi_texture_ppm"):
+    assert fine.meta[key] == plain.meta[key]
+  dice = 2 * np.sum(fine.mask & plain.mask) / (fine.mask.sum() + plain.mask.sum())
+  assert dice > 0.9  # the fine warp folds borders by about a mm, it does not move the brain
+  vox = plain.voxel_size_mm
+  assert (metrics.fine_energy_fraction(fine.chi_ppm, fine.mask, vox)
+          > 1.15 * metrics.fine_energy_fraction(plain.chi_ppm, plain.mask, vox))
+  assert np.sum(fine.seg == phantoms.LABELS["vessel"]) > np.sum(plain.seg == phantoms.LABELS["vessel"])
+  with pytest.raises(ValueError, match="detail"):
+    phantoms.brain_phantom(4, BRAIN_SHAPE, detail="coarse")

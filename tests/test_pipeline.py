@@ -211,3 +211,20 @@ def test_model_error_fraction_draws_per_subject_and_keeps_the_rest():
   assert 10 <= with_errors <= 30
   # Everything else about each subject is as without errors.
   assert [dataclasses.replace(s, model_errors="none") for s in half] == clean
+
+
+def test_detail_fraction_draws_per_brain_and_keeps_the_rest():
+  args = dict(_SPEC_ARGS, snrs=[100.0])
+  clean = pipeline.synthetic_specs(40, 4, 3, **args)
+  half = pipeline.synthetic_specs(40, 4, 3, **args, detail="fine", detail_fraction=0.5)
+  fine = [s for s in half if s.detail == "fine"]
+  assert 10 <= len(fine) <= 30 and all(s.kind == "brain" for s in fine)  # shapes have no anatomy
+  assert [dataclasses.replace(s, detail="none") for s in half] == clean
+  spec = dataclasses.replace(clean[0], detail="fine")
+  _, subject = pipeline.make_subject(spec)
+  assert subject.meta["phantom"]["detail"]["n_thin_vessels"] >= 80
+  assert pipeline.subject_summary((spec, subject))["detail"] == "fine"
+  with pytest.raises(InputError, match="--detail"):
+    pipeline.synthetic_specs(1, 0, 5, **args, detail="coarse")
+  with pytest.raises(InputError, match="--detail_fraction"):
+    pipeline.synthetic_specs(1, 0, 5, **args, detail="fine", detail_fraction=-1)

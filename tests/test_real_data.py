@@ -169,7 +169,8 @@ def test_script_scores_methods_with_slopes_and_writes_its_report(tmp_path):
   lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
   assert [line["label"] for line in lines] == ["tkd", "L2"]
   assert set(lines[0]) == {"label", "spec", "nrmse", "hfen", "xsim", "correlation", "slope",
-                           "seconds"}
+                           "fine_energy", "seconds"}
+  assert all(0.0 <= line["fine_energy"] <= 1.0 for line in lines)
   report = json.loads((out / "results.json").read_text())
   for line, row in zip(lines, report["methods"]):
     assert row["metrics"]["slope"] == pytest.approx(line["slope"])
@@ -181,3 +182,9 @@ def test_script_scores_methods_with_slopes_and_writes_its_report(tmp_path):
   summary = (out / "real_data.md").read_text()
   assert "real_data.py" in summary and f"--out_dir={out}" in summary and "slope →1" in summary
   assert (out / "figure.png").stat().st_size > 0
+  # The spectral table: COSMOS's energy row sums to 100 %, each method's error row to NRMSE^2/100.
+  rows = {l.split("|")[1].strip(): [float(v) for v in l.split("|")[2:-2]]
+          for l in summary.splitlines() if l.startswith(("| COSMOS energy", "| tkd error"))}
+  assert sum(rows["COSMOS energy"]) == pytest.approx(100.0, abs=0.1)
+  tkd = rows["tkd error"]
+  assert sum(tkd) == pytest.approx(lines[0]["nrmse"] ** 2 / 100.0, rel=0.02, abs=0.2)
