@@ -67,6 +67,9 @@ _EXTENDED = flags.DEFINE_bool("extended_phantoms", False, "Also tune on the 20 d
 _REALISTIC = flags.DEFINE_bool("realistic", False, "Tune on the tuning phantoms with the "
                                 "model errors of real data and lower SNR "
                                 "(tuning_phantoms.subjects(realistic=True)).")
+_DETAIL = flags.DEFINE_enum("detail", "none", ["none", "fine"], "The brains' fine anatomy "
+                             "(tuning_phantoms.subjects(detail=...)): none, or fine (thin veins, "
+                             "texture, folded borders; data_prep.phantoms.brain_phantom).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Largest refinement time (s, brain) a "
                                   "setting may take to be chosen (0 = no limit; timings are "
                                   "only meaningful on otherwise idle cores).")
@@ -198,7 +201,8 @@ def main(argv):
     priors = ["network", "zero", "tkd"]
   results = {i: [] for i in range(len(settings))}
   seconds = {i: [] for i in range(len(settings))}
-  for name, sub in tuning_phantoms.subjects(_EXTENDED.value, realistic=_REALISTIC.value):
+  for name, sub in tuning_phantoms.subjects(_EXTENDED.value, realistic=_REALISTIC.value,
+                                            detail=_DETAIL.value):
     mask = sub.mask
     net, _ = inference.reconstruct_qsmgan(sub.field_ppm, mask, sub.voxel_size_mm, sub.b0_dir,
                                           backend=backend, refine="none", progress=False)

@@ -13,6 +13,10 @@ levels drawn from mild to severe: four to six phantoms are too few to leave any 
 and an SNR drawn uniformly in `REALISTIC_SNR` (not 100), both seeded by the phantom's seed, so the
 set is fixed. Real fields depart from the dipole model of the true chi this way; parameters tuned
 on exact forward fields with white noise at SNR 100 over-trust the data.
+
+`subjects(detail='fine')` gives the brains the fine anatomy of `data_prep.phantoms.brain_phantom`
+(thin veins, texture, folded borders; opt-in): the same brains otherwise, with more of their
+energy at fine scales, as measured maps have (benchmarks/phantom_spectrum.py).
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ def realistic_snr(seed: int) -> float:
 
 
 def subjects(extended: bool = False, only: set[str] | None = None,
-             realistic: bool = False) -> Iterator[tuple[str, object]]:
+             realistic: bool = False, detail: str = "none") -> Iterator[tuple[str, object]]:
   """``(name, data_prep.simulate.Subject)`` for each tuning phantom (with `EXTENDED` too if
   asked; only those named in ``only`` if given), simulated on demand.
 
   ``realistic``: with seeded model errors and SNR (see the module docstring); the names stay
-  ``<kind>-<seed>``, the levels are in ``subject.meta['model_errors']`` and ``subject.snr``."""
+  ``<kind>-<seed>``, the levels are in ``subject.meta['model_errors']`` and ``subject.snr``.
+  ``detail``: the brains' fine anatomy, 'none' or 'fine' (the shapes have none)."""
   from data_prep import model_errors  # pylint: disable=import-outside-toplevel
   from data_prep import simulate  # pylint: disable=import-outside-toplevel
   for kind, seed, lesions, b0, voxel in PHANTOMS + (EXTENDED if extended else ()):
@@ -55,7 +60,8 @@ def subjects(extended: bool = False, only: set[str] | None = None,
       yield name, simulate.simulate_subject(
           kind, seed, voxel_size_mm=voxel, b0_dir=b0,
           snr=realistic_snr(seed) if realistic else 100.0, lesions=lesions,
-          model_errors=model_errors.realistic_model_errors(seed, 1.0) if realistic else None)
+          model_errors=model_errors.realistic_model_errors(seed, 1.0) if realistic else None,
+          detail=detail if kind == "brain" else "none")
 
 
 def scores(chi, truth, mask) -> dict[str, float]:

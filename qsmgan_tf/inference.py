@@ -1362,7 +1362,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       chi = outputs["chi_ppm"]
       timings["network_and_refine_s"] = time.perf_counter() - t0
       info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": True,
-                        **refine_lib.noise_info(field, mask, params)}
+                        **refine_lib.noise_info(field, mask, params),
+                        **refine_lib.shrinkage_info(field, mask, voxel, b0, params)}
       if "tv_weight_used" in outputs:  # models exported before it was an output lack it
         info["refine"]["tv_weight_used"] = float(outputs["tv_weight_used"])
       info["residual_before"] = float(outputs["residual_before"])
@@ -1388,7 +1389,9 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
         chi, tv_used = run_refine_tf(chi_net, field, mask, b0, voxel, params, magnitude,
                                      return_weight=True)
         info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": False,
-                          **refine_lib.noise_info(field, mask, params), "tv_weight_used": tv_used}
+                          **refine_lib.noise_info(field, mask, params),
+                          **refine_lib.shrinkage_info(field, mask, voxel, b0, params),
+                          "tv_weight_used": tv_used}
       elif method == "closed":
         lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)
         chi = refine_lib.refine_closed_form(chi_net, field, mask, voxel, b0, lam,

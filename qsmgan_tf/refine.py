@@ -119,6 +119,7 @@ from typing import Sequence
 
 import numpy as np
 
+from qsmgan_tf import fine_shrinkage as shrinkage_lib
 from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
 
@@ -127,7 +128,8 @@ DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
             "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
             "smv_radius_mm": 0.0, "data_erosion_mm": 0.0, "lcurve_stages": 0,
-            "lcurve_factor": 4.0, "lcurve_slope": 0.5, "lcurve_reweights": 2}
+            "lcurve_factor": 4.0, "lcurve_slope": 0.5, "lcurve_reweights": 2,
+            "fine_shrinkage": 0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -137,7 +139,8 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 (`regularisation_scale`); ``smv_radius_mm > 0`` compares fields after the SMV high-pass
 (background remnants ignored); ``data_erosion_mm > 0`` leaves the voxels that close to the mask's
 edge out of the data term; ``lcurve_stages > 0`` raises the L1 weight per scan while the
-L-curve is steep."""
+L-curve is steep; ``fine_shrinkage = 1`` weighs the solve's correction per band of k by the
+field's own signal-to-noise (`fine_shrinkage`)."""
 
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
@@ -297,6 +300,22 @@ def noise_info(field_ppm: np.ndarray, mask: np.ndarray, params: dict) -> dict:
           "mu_scaled": params["mu"] * scale, "tv_weight_scaled": params["tv_weight"] * scale}
 
 
+def shrinkage_info(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, b0_dir,
+                   params: dict) -> dict:
+  """What a sidecar records of ``fine_shrinkage`` (`fine_shrinkage.gains`): the field's noise
+  estimate and the gain per band of |k|; {} when it is off."""
+  if not int(params.get("fine_shrinkage", 0)) > 0:
+    return {}
+  noise = field_noise_ppm(field_ppm, mask)
+  gains = shrinkage_lib.gains(field_ppm, mask, voxel_size_mm, b0_dir, noise)
+  corner = float(np.sqrt(np.sum((0.5 / np.asarray(voxel_size_mm, np.float64)) ** 2)))
+  return {"fine_shrinkage_noise_ppm": noise,
+          "fine_shrinkage_band_cycles_per_mm": round(corner / shrinkage_lib.SHELLS, 5),
+          "fine_shrinkage_gains": [round(float(g), 4) for g in gains],
+          "fine_shrinkage_rule": "correction weighted per band of |k| by "
+                                 "1 - noise power / field power outside the cone"}
+
+
 def regularisation_scale(field_ppm: np.ndarray, mask: np.ndarray,
                          noise_reference_ppm: float) -> tuple[float, float]:
   """``(scale, noise_ppm)``: the factor on ``mu`` and ``tv_weight`` for this field
@@ -441,6 +460,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               lcurve_factor: float = DEFAULTS["lcurve_factor"],
               lcurve_slope: float = DEFAULTS["lcurve_slope"],
               lcurve_reweights: int = DEFAULTS["lcurve_reweights"],
+              fine_shrinkage: int = DEFAULTS["fine_shrinkage"],
               magnitude: np.ndarray | None = None, return_weight: bool = False):
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -604,6 +624,9 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
         x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
         lambda x: _lcurve_point(misfit(x), x, m, vs), lcurve_stages, lcurve_factor, lcurve_slope)
   chi = grid.from_grid(x.astype(np.float32), mask)
+  if int(fine_shrinkage) > 0:
+    chi, _ = shrinkage_lib.shrink(chi, np.where(mask, chi_net, 0.0), field_ppm, mask,
+                                  voxel_size_mm, b0_dir, field_noise_ppm(field_ppm, mask))
   return (chi, float(tv_weight)) if return_weight else chi
 
 
@@ -679,6 +702,7 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
     chi, tv_used = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params,
                              magnitude=magnitude, return_weight=True)
     info = {"method": "cg", **params, **noise_info(field_ppm, mask, params),
+            **shrinkage_info(field_ppm, mask, voxel_size_mm, b0_dir, params),
             "tv_weight_used": tv_used}
   info["residual_before"] = before
   info["residual_after"] = field_residual(chi, field_ppm, mask, voxel_size_mm, b0_dir)
@@ -797,7 +821,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               data_erosion_mm=DEFAULTS["data_erosion_mm"],
               lcurve_stages=DEFAULTS["lcurve_stages"], lcurve_factor=DEFAULTS["lcurve_factor"],
               lcurve_slope=DEFAULTS["lcurve_slope"],
-              lcurve_reweights=DEFAULTS["lcurve_reweights"], magnitude=None,
+              lcurve_reweights=DEFAULTS["lcurve_reweights"],
+              fine_shrinkage=DEFAULTS["fine_shrinkage"], magnitude=None,
               return_weight=False):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
@@ -825,6 +850,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     data_erosion_mm: > 0 = the data term without the mask's outer rim (`refine_cg`); scalar.
     lcurve_stages, lcurve_factor, lcurve_slope, lcurve_reweights: the L-curve continuation of
       the L1 weight (`refine_cg`); scalars.
+    fine_shrinkage: 1 = weigh the correction per band of k (`fine_shrinkage.shrink_tf`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
     return_weight: also return the L1 weight used (after the noise scale and the L-curve).
@@ -1056,6 +1082,11 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   inner = physics_tf.crop_from(x, size)
   full = tf.shape(m_full)
   chi = tf.pad(inner, tf.stack([begin, full - begin - size], axis=1)) * m_full
+  chi = tf.cond(tf.cast(fine_shrinkage, tf.int32) > 0,
+                lambda: shrinkage_lib.shrink_tf(chi, chi_net * m_full, field_ppm, m_full,
+                                                voxel_size_mm, b0_dir,
+                                                field_noise_tf(field_ppm, m_full))[0],
+                lambda: chi)
   return (chi, tv_weight) if return_weight else chi
 
 

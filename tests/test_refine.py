@@ -596,3 +596,55 @@ def test_resolve_params_refuses_out_of_range_values(bad):
   key, value = bad.split("=")
   with pytest.raises(ValueError, match=key):
     refine.resolve_params(**{key: value})
+
+
+# --------------------------------------------------------------------------------------------
+# fine_shrinkage: the correction weighed per band of k by the field's own signal-to-noise
+# --------------------------------------------------------------------------------------------
+def test_shrinkage_gains_follow_the_field_signal_to_noise():
+  from qsmgan_tf import fine_shrinkage  # pylint: disable=import-outside-toplevel
+  chi, clean, mask = _phantom(shape=(40, 44, 36))
+  rng = np.random.default_rng(4)
+  # Pure white noise: every band is noise, the gains fall to 0 (P_field ~ P_noise) but in the
+  # coarsest band (a few samples, the mask's own spectrum).
+  noise = (0.01 * rng.standard_normal(mask.shape) * mask).astype(np.float32)
+  pure = fine_shrinkage.gains(noise, mask, (1, 1, 1), (0, 0, 1), refine.field_noise_ppm(noise, mask))
+  assert pure[1:].max() < 0.05 and pure.mean() < 0.1
+  # A strong smooth field with a little noise: the coarse bands are signal (gain ~1), and the
+  # gains never rise with |k|.
+  noisy = clean + 0.002 * np.std(clean[mask]) * rng.standard_normal(mask.shape) * mask
+  g = fine_shrinkage.gains(noisy, mask, (1, 1, 1), (0, 0, 1), refine.field_noise_ppm(noisy, mask))
+  assert g[:3].min() > 0.95 and np.all(np.diff(g) <= 0)
+  # No noise estimate: nothing is shrunk.
+  np.testing.assert_array_equal(fine_shrinkage.gains(noisy, mask, (1, 1, 1), (0, 0, 1), 0.0),
+                                np.ones(fine_shrinkage.SHELLS))
+  # Gains of 1 leave the refined map as it is; the network's map is kept where it is the answer.
+  refined = _blurred(chi, mask)
+  same, _ = fine_shrinkage.shrink(refined, chi, noisy, mask, (1, 1, 1), (0, 0, 1), 0.0)
+  assert _rel(same, refined, mask) < 1e-5
+  kept, _ = fine_shrinkage.shrink(chi, chi, noise, mask, (1, 1, 1), (0, 0, 1), 0.01)
+  np.testing.assert_allclose(kept, np.where(mask, chi, 0), atol=1e-7)
+
+
+def test_shrinkage_numpy_and_tf_agree(oblique):
+  from qsmgan_tf import fine_shrinkage  # pylint: disable=import-outside-toplevel
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  noise = refine.field_noise_ppm(field, mask)
+  want, want_g = fine_shrinkage.shrink(chi, prior, field, mask, _VOXEL, _OBLIQUE, noise)
+  got, got_g = fine_shrinkage.shrink_tf(chi, prior, field, mask.astype(np.float32),
+                                        np.float32(_VOXEL), np.float32(_OBLIQUE), noise)
+  np.testing.assert_allclose(got_g.numpy(), want_g, atol=1e-4)
+  assert 0.0 < want_g.min() < 0.99  # the test field's finest bands are shrunk
+  assert _rel(got.numpy(), want, mask) < 1e-4
+  # In the refinement: refine_tf with fine_shrinkage = 1 is refine_cg's, and differs from off.
+  params = {**_TV, "fine_shrinkage": 1}
+  want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
+                         np.float32(_VOXEL), **params).numpy()
+  assert _rel(got, want, mask) < 1e-4
+  assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV), want, mask) > 1e-3
+  info = refine.refine(prior, field, mask, _VOXEL, _OBLIQUE,
+                       contract={"refine": params})[1]
+  assert len(info["fine_shrinkage_gains"]) == fine_shrinkage.SHELLS
+  assert info["fine_shrinkage_gains"] == pytest.approx(list(want_g), abs=1e-4)
