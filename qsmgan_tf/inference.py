@@ -29,7 +29,7 @@ signature), so a local run on a SavedModel and TF Serving give the same numbers.
 
 Example:
   chi_ppm, info = inference.reconstruct_qsmgan(field_ppm, mask, (1, 1, 1), (0, 0, 1),
-                                               model="saved_models/qsmgan/6")
+                                               model="saved_models/qsmgan/7")
 """
 
 from __future__ import annotations

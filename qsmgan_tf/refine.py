@@ -103,6 +103,13 @@ flat stage ends it and is discarded. On an exact forward field with white noise 
 from the start (the map's roughness is the anatomy's) and the weight stays as given. The kept
 weight is returned (``return_weight``) and recorded in the sidecar (``tv_weight_used``).
 
+At the finest scales a real field holds more noise and model error than signal, and a solve's
+correction there adds as much error as it removes. ``fine_shrinkage = 1`` weighs the
+correction ``chi - chi_net`` per band of |k| by the share of the field's power outside the cone
+that is not noise, ``1 - P_noise / P_field`` (`fine_shrinkage`; the noise from
+`field_noise_ppm`), after the solve and the L-curve: per scan, from the field alone. The gains
+are recorded in the sidecar (`shrinkage_info`).
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run

@@ -75,3 +75,17 @@ def test_shipped_network_pass_is_scale_equivariant(shipped, phantom):
       field_ppm=(s.field_ppm * np.float32(k)).astype(np.float32), mask=mask)["chi_ppm"].numpy()
           for k in (1.0, 2.0)]
   np.testing.assert_allclose(maps[1], 2.0 * maps[0], atol=1e-4 * np.abs(maps[1]).max())
+
+
+def test_shipped_refinement_records_its_fine_scale_gains(shipped, phantom):
+  """Version 7 weighs the solve's correction per band of |k| by the field's own SNR; the sidecar
+  says how (a clean SNR-100 field keeps its coarse bands whole and drops the finest)."""
+  from qsmgan_tf import fine_shrinkage  # pylint: disable=import-outside-toplevel
+  path, _, contract = shipped
+  assert contract["refine"]["fine_shrinkage"] == 1
+  _, info = inference.reconstruct_qsmgan(phantom.field_ppm, phantom.mask, phantom.voxel_size_mm,
+                                         phantom.b0_dir, model=str(path), progress=False)
+  gains = np.asarray(info["refine"]["fine_shrinkage_gains"])
+  assert gains.shape == (fine_shrinkage.SHELLS,) and np.all(np.diff(gains) <= 0)
+  assert gains[0] > 0.95 and gains[-1] < 0.5
+  assert info["refine"]["in_graph"] and info["refine"]["fine_shrinkage_noise_ppm"] > 0
