@@ -28,17 +28,25 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep import phantoms  # pylint: disable=wrong-import-position
+from qsmgan_tf import cli  # pylint: disable=wrong-import-position
 from qsmgan_tf import metrics  # pylint: disable=wrong-import-position
 from qsmgan_tf import nifti_io  # pylint: disable=wrong-import-position
+from qsmgan_tf.nifti_io import InputError  # pylint: disable=wrong-import-position
 
 _SEEDS = flags.DEFINE_list("seeds", ["850001", "850002", "850003"], "Brain phantom seeds.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with mask.nii.gz and chi_cosmos.nii.gz "
                                 "(default: ../shared/real/qsm2016 beside the repository).")
 
 
+@cli.one_line_errors
 def main(argv):
-  del argv
-  for seed in (int(s) for s in _SEEDS.value):
+  if len(argv) > 1:
+    raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise InputError(f"--seeds must be integers, got {','.join(_SEEDS.value)}") from None
+  for seed in seeds:
     row = {"seed": seed}
     for detail in phantoms.DETAIL_MODES:
       t0 = time.perf_counter()

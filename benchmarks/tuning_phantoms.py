@@ -51,7 +51,8 @@ def subjects(extended: bool = False, only: set[str] | None = None,
 
   ``realistic``: with seeded model errors and SNR (see the module docstring); the names stay
   ``<kind>-<seed>``, the levels are in ``subject.meta['model_errors']`` and ``subject.snr``.
-  ``detail``: the brains' fine anatomy, 'none' or 'fine' (the shapes have none)."""
+  ``detail``: the brains' fine anatomy, 'none' or 'fine' (`simulate.make_phantom`: shapes
+  ignore it)."""
   from data_prep import model_errors  # pylint: disable=import-outside-toplevel
   from data_prep import simulate  # pylint: disable=import-outside-toplevel
   for kind, seed, lesions, b0, voxel in PHANTOMS + (EXTENDED if extended else ()):
@@ -61,7 +62,7 @@ def subjects(extended: bool = False, only: set[str] | None = None,
           kind, seed, voxel_size_mm=voxel, b0_dir=b0,
           snr=realistic_snr(seed) if realistic else 100.0, lesions=lesions,
           model_errors=model_errors.realistic_model_errors(seed, 1.0) if realistic else None,
-          detail=detail if kind == "brain" else "none")
+          detail=detail)
 
 
 def scores(chi, truth, mask) -> dict[str, float]:

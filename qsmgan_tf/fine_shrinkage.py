@@ -47,8 +47,10 @@ MIN_SAMPLES = 10
 """Fewest samples outside the cone for a band to get its own gain."""
 
 
-def _corner_frequency(voxel_size_mm) -> float:
-  return float(np.sqrt(np.sum((0.5 / np.asarray(voxel_size_mm, np.float64)) ** 2)))
+def band_width_cycles_per_mm(voxel_size_mm: Sequence[float]) -> float:
+  """Width of one band: the grid's corner frequency (Nyquist on every axis) over `SHELLS`."""
+  corner = float(np.sqrt(np.sum((0.5 / np.asarray(voxel_size_mm, np.float64)) ** 2)))
+  return corner / SHELLS
 
 
 def _monotone(raw: np.ndarray) -> np.ndarray:
@@ -64,7 +66,7 @@ def _box_grid(mask: np.ndarray):
 def _shells(grid, voxel_size_mm) -> np.ndarray:
   ki, kj, kk = physics.kspace_grid(grid, voxel_size_mm, rfft=True)
   radial = np.sqrt(ki ** 2 + kj ** 2 + kk ** 2)
-  return np.minimum((radial / _corner_frequency(voxel_size_mm) * SHELLS).astype(np.int64),
+  return np.minimum((radial / band_width_cycles_per_mm(voxel_size_mm)).astype(np.int64),
                     SHELLS - 1)
 
 
@@ -81,9 +83,13 @@ def gains(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float
   """
   m = np.asarray(mask) > 0.5
   box, _, grid = _box_grid(m)
+  return _gains_on(field_ppm, m, box, grid, _shells(grid, voxel_size_mm), voxel_size_mm, b0_dir,
+                   noise_ppm)
+
+
+def _gains_on(field_ppm, m, box, grid, shell, voxel_size_mm, b0_dir, noise_ppm) -> np.ndarray:
   field = np.where(m, field_ppm - np.mean(field_ppm[m], dtype=np.float64), 0.0)
   power = np.abs(np.fft.rfftn(physics.pad_to(field[box], grid))) ** 2
-  shell = _shells(grid, voxel_size_mm)
   outside = np.abs(physics.dipole_kernel(grid, voxel_size_mm, b0_dir, rfft=True)) >= CONE
   counts = np.bincount(shell[outside], minlength=SHELLS)
   sums = np.bincount(shell[outside], weights=power[outside], minlength=SHELLS)
@@ -99,12 +105,12 @@ def shrink(chi_refined: np.ndarray, chi_net: np.ndarray, field_ppm: np.ndarray,
            noise_ppm: float) -> tuple[np.ndarray, np.ndarray]:
   """``chi_net`` plus the band-weighted correction; ``(chi_ppm float32, gains)``, 0 outside."""
   m = np.asarray(mask) > 0.5
-  g = gains(field_ppm, m, voxel_size_mm, b0_dir, noise_ppm)
   box, size, grid = _box_grid(m)
+  shell = _shells(grid, voxel_size_mm)
+  g = _gains_on(field_ppm, m, box, grid, shell, voxel_size_mm, b0_dir, noise_ppm)
   delta = physics.pad_to((np.asarray(chi_refined, np.float64)
                           - np.asarray(chi_net, np.float64))[box], grid)
-  weighted = np.fft.irfftn(g[_shells(grid, voxel_size_mm)] * np.fft.rfftn(delta), s=grid,
-                           axes=(0, 1, 2))
+  weighted = np.fft.irfftn(g[shell] * np.fft.rfftn(delta), s=grid, axes=(0, 1, 2))
   out = np.asarray(chi_net, np.float64).copy()
   out[box] += physics.crop_from(weighted, size)
   return np.where(m, out, 0.0).astype(np.float32), g
@@ -126,20 +132,24 @@ def _shells_tf(grid, voxel_size_mm):
   kj = physics_tf._fftfreq(grid[1], vs[1])[None, :, None]  # pylint: disable=protected-access
   kk = physics_tf._fftfreq(grid[2], vs[2], rfft=True)[None, None, :]  # pylint: disable=protected-access
   radial = tf.sqrt(ki * ki + kj * kj + kk * kk)
-  corner = tf.sqrt(tf.reduce_sum(tf.square(0.5 / vs)))
-  return tf.minimum(tf.cast(radial / corner * SHELLS, tf.int32), SHELLS - 1)
+  width = tf.sqrt(tf.reduce_sum(tf.square(0.5 / vs))) / SHELLS  # `band_width_cycles_per_mm`
+  return tf.minimum(tf.cast(radial / width, tf.int32), SHELLS - 1)
 
 
 def gains_tf(field_ppm, mask, voxel_size_mm, b0_dir, noise_ppm):
   """`gains` in TensorFlow (dynamic shapes, float32 FFTs); float32 [`SHELLS`]."""
+  m, begin, size, grid = _grid_tf(mask)
+  return _gains_on_tf(field_ppm, m, begin, size, grid, _shells_tf(grid, voxel_size_mm),
+                      voxel_size_mm, b0_dir, noise_ppm)
+
+
+def _gains_on_tf(field_ppm, m, begin, size, grid, shell, voxel_size_mm, b0_dir, noise_ppm):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import physics_tf  # pylint: disable=import-outside-toplevel
-  m, begin, size, grid = _grid_tf(mask)
   field = tf.cast(field_ppm, tf.float32)
   mean = tf.reduce_sum(field * m) / tf.reduce_sum(m)
   box = physics_tf.pad_to(tf.slice((field - mean) * m, begin, size), grid)
   power = tf.square(tf.abs(tf.signal.rfft3d(box)))
-  shell = _shells_tf(grid, voxel_size_mm)
   outside = tf.cast(tf.abs(physics_tf.dipole_kernel(grid, voxel_size_mm, b0_dir, rfft=True))
                     >= CONE, tf.float32)
   ids = tf.reshape(shell, [-1])
@@ -157,12 +167,13 @@ def shrink_tf(chi_refined, chi_net, field_ppm, mask, voxel_size_mm, b0_dir, nois
   """`shrink` in TensorFlow; ``(chi_ppm float32 [X, Y, Z], gains [SHELLS])``."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import physics_tf  # pylint: disable=import-outside-toplevel
-  g = gains_tf(field_ppm, mask, voxel_size_mm, b0_dir, noise_ppm)
   m, begin, size, grid = _grid_tf(mask)
+  shell = _shells_tf(grid, voxel_size_mm)
+  g = _gains_on_tf(field_ppm, m, begin, size, grid, shell, voxel_size_mm, b0_dir, noise_ppm)
   chi_net = tf.cast(chi_net, tf.float32)
   delta = physics_tf.pad_to(tf.slice(tf.cast(chi_refined, tf.float32) - chi_net, begin, size),
                             grid)
-  weight = tf.cast(tf.gather(g, _shells_tf(grid, voxel_size_mm)), tf.complex64)
+  weight = tf.cast(tf.gather(g, shell), tf.complex64)
   weighted = physics_tf.crop_from(
       tf.signal.irfft3d(tf.signal.rfft3d(delta) * weight, fft_length=grid), size)
   full = tf.shape(m)

@@ -315,9 +315,9 @@ def shrinkage_info(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, b0_di
     return {}
   noise = field_noise_ppm(field_ppm, mask)
   gains = shrinkage_lib.gains(field_ppm, mask, voxel_size_mm, b0_dir, noise)
-  corner = float(np.sqrt(np.sum((0.5 / np.asarray(voxel_size_mm, np.float64)) ** 2)))
   return {"fine_shrinkage_noise_ppm": noise,
-          "fine_shrinkage_band_cycles_per_mm": round(corner / shrinkage_lib.SHELLS, 5),
+          "fine_shrinkage_band_cycles_per_mm": round(
+              shrinkage_lib.band_width_cycles_per_mm(voxel_size_mm), 5),
           "fine_shrinkage_gains": [round(float(g), 4) for g in gains],
           "fine_shrinkage_rule": "correction weighted per band of |k| by "
                                  "1 - noise power / field power outside the cone"}
