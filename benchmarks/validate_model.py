@@ -29,6 +29,10 @@ import time
 from absl import app
 from absl import flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from validation_cases import CASES  # pylint: disable=wrong-import-position
+
 _MODEL = flags.DEFINE_string("model", None, "QSMGAN SavedModel version folder (default: the "
                              "newest under saved_models/qsmgan).")
 _UNET = flags.DEFINE_string("unet_model", None, "Stage-1 (pretrained U-Net) model for the "
@@ -40,14 +44,6 @@ _CASES = flags.DEFINE_list("cases", None, "Subset of cases (default: all).")
 _CLASSICAL = flags.DEFINE_list("classical", ["tkd", "cfl2", "ilsqr", "medi", "tv"],
                                "Classical methods to compare.")
 
-SIN20, COS20 = 0.3420201, 0.9396926
-CASES = {
-    "healthy": ["--kind=brain", "--seed=900101"],
-    "lesions": ["--kind=brain", "--seed=900102", "--lesions"],
-    "oblique20": ["--kind=brain", "--seed=900103", f"--b0_dir={SIN20},0,{COS20}"],
-    "shapes": ["--kind=shapes", "--seed=900104"],
-    "aniso_1x1x2": ["--kind=brain", "--seed=900105", "--voxel_size_mm=1,1,2"],
-}
 CLASSICAL_LABELS = {"tkd": "TKD", "cfl2": "L2 (closed form)", "ilsqr": "iLSQR", "medi": "MEDI",
                     "tv": "TV"}
 

@@ -542,14 +542,22 @@ def _trace_midline_sinus(mask: np.ndarray, grid: Grid, inset_mm: float = 3.0) ->
   return np.concatenate([bezier_points([a, b], 0.25)[:-1] for a, b in zip(smooth[:-1], smooth[1:])])
 
 
+def _brain_points(rng: np.random.Generator, template: _Template):
+  """A function drawing one random voxel of the brain per call, as a point in mm (the template's
+  grid is 1 mm: origin + index)."""
+  idx = np.flatnonzero(template.mask)
+  origin = np.asarray(template.grid.origin_mm)
+  return lambda: origin + np.array(np.unravel_index(idx[rng.integers(idx.size)],
+                                                    template.grid.shape))
+
+
 def _short_vessels(rng: np.random.Generator, template: _Template, count: int,
                    length_mm: tuple[float, float]) -> list:
   """Random short curved vessels from points of the brain in random directions (Bezier samples)."""
-  idx = np.flatnonzero(template.mask)
-  origin = np.asarray(template.grid.origin_mm)
+  point = _brain_points(rng, template)
   vessels = []
   for _ in range(count):
-    a = origin + np.array(np.unravel_index(idx[rng.integers(idx.size)], template.grid.shape))
+    a = point()
     direction = rng.standard_normal(3)
     length = float(rng.uniform(*length_mm))
     b = a + direction / max(float(np.linalg.norm(direction)), 1e-9) * length
@@ -583,12 +591,10 @@ def _fine_detail(canvas: Canvas, template: _Template, rng: np.random.Generator,
 
 def _random_vessels(rng: np.random.Generator, template: _Template, count: int) -> list:
   """Random curved vessels between points of the brain, as dense Bezier samples."""
-  idx = np.flatnonzero(template.mask)
-  origin = np.asarray(template.grid.origin_mm)
+  point = _brain_points(rng, template)
   vessels = []
   while len(vessels) < count:
-    a, b = (origin + np.array(np.unravel_index(idx[rng.integers(idx.size)], template.grid.shape))
-            for _ in range(2))
+    a, b = point(), point()
     length = float(np.linalg.norm(b - a))
     if not 15.0 <= length <= 70.0:
       continue

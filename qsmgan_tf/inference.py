@@ -1227,6 +1227,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                        refine_noise_reference_ppm: float | None = None,
                        refine_smv_radius_mm: float | None = None,
                        refine_data_erosion_mm: float | None = None,
+                       refine_fit_level: int | None = None,
                        precision: str = "float32", backend: _Backend | None = None,
                        magnitude=None, rotate_above_deg: float | None = None
                        ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -1251,7 +1252,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     progress: progress bar over windows.
     refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights,
       refine_edge_fraction, refine_edge_refresh, refine_residual_margin, refine_fit_offset,
-      refine_noise_reference_ppm, refine_smv_radius_mm, refine_data_erosion_mm:
+      refine_noise_reference_ppm, refine_smv_radius_mm, refine_data_erosion_mm,
+      refine_fit_level:
       override ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve;
       `refine.DEFAULTS` names them).
     refine_lam: weight of the 'closed' variant.
@@ -1303,7 +1305,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
                                          fit_offset=refine_fit_offset,
                                          noise_reference_ppm=refine_noise_reference_ppm,
                                          smv_radius_mm=refine_smv_radius_mm,
-                                         data_erosion_mm=refine_data_erosion_mm)
+                                         data_erosion_mm=refine_data_erosion_mm,
+                                         fit_level=refine_fit_level)
       magnitude = refine_lib.check_magnitude(magnitude, mask)
     except ValueError as exc:
       raise InputError(str(exc)) from None

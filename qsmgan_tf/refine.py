@@ -60,6 +60,24 @@ of ``W`` times the monomials, mm coordinates): background-removal remnants that 
 the head (a linear or quadratic field) are then not explained by chi either, at the cost of the
 tissue field's own projection on those few terms, which the prior supplies.
 
+The susceptibility's own level is just as undefined: a uniform chi over the mask gives a field
+that is harmonic inside it (a uniformly magnetised body has surface sources only), which
+background removal takes out of a real field, and its size depends on the mask's shape alone.
+The solve cannot learn the level from the data, but it does see the level's field whenever the
+network's level differs from the one the field implies, and explains that field with chi: a
+prior shifted by 0.05 ppm took a simulated brain from 8.7 to 24-29 % NRMSE (BUILD.md "The
+prior's level"). ``fit_level = 1`` adds ``B 1`` (the weighted field of a uniform chi over the
+mask, taken on the residual's grid for both grids: the CG grid's own, with its near periodic
+images, would give its steps a near-null direction the residual's grid lacks, and defect
+correction diverged along it on a simulated shape phantom) to the fitted basis of ``P``: the
+data term no longer sees the level. The L1 term still does, as the step from the map to the
+zero outside the mask, which pulls the edge voxels towards zero. ``fit_level = 2`` also leaves
+the gradient components that cross the mask's edge out of the L1 term, its edge ranking and the
+L-curve's TV (`interior_pairs`): the uniform chi is then in the null space of the whole
+problem, the map's level is the network's, and the rest of the solve does not depend on it (a
+prior shifted by c gives the same map shifted by c, tests/test_refine.py). On simulated fields
+with edge remnants that pull at the rim, 2 lost what 1 keeps (BUILD.md).
+
 Real fields are noisier than a clean simulation and carry model errors (background remnants,
 anisotropy, non-white noise): with weights chosen on clean phantoms the solve fits them, and
 they come back as streaks and smooth blobs. ``noise_reference_ppm > 0`` makes the
@@ -136,7 +154,7 @@ DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
             "smv_radius_mm": 0.0, "data_erosion_mm": 0.0, "lcurve_stages": 0,
             "lcurve_factor": 4.0, "lcurve_slope": 0.5, "lcurve_reweights": 2,
-            "fine_shrinkage": 0}
+            "fine_shrinkage": 0, "fit_level": 0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -147,7 +165,8 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 (background remnants ignored); ``data_erosion_mm > 0`` leaves the voxels that close to the mask's
 edge out of the data term; ``lcurve_stages > 0`` raises the L1 weight per scan while the
 L-curve is steep; ``fine_shrinkage = 1`` weighs the solve's correction per band of k by the
-field's own signal-to-noise (`fine_shrinkage`)."""
+field's own signal-to-noise (`fine_shrinkage`); ``fit_level`` 1 or 2 leaves chi's uniform
+level to the network (the data term does not see it; with 2, nor the L1 term)."""
 
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
@@ -191,6 +210,8 @@ def resolve_params(contract: dict | None = None, **overrides) -> dict:
           out[key] = type(DEFAULTS[key])(value)
         except (TypeError, ValueError):
           raise ValueError(f"refinement parameter {key}: bad value {value!r}") from None
+  if out["fit_level"] not in (0, 1, 2):
+    raise ValueError(f"refinement parameter fit_level: {out['fit_level']} is not 0, 1 or 2")
   if not 0 <= out["fit_offset"] <= MAX_FIT_OFFSET:
     raise ValueError(f"refinement parameter fit_offset: {out['fit_offset']} is not in "
                      f"0..{MAX_FIT_OFFSET}")
@@ -240,14 +261,30 @@ def check_magnitude(magnitude, mask: np.ndarray) -> np.ndarray | None:
 
 
 def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Sequence[float],
-                 edge_fraction: float) -> np.ndarray:
+                 edge_fraction: float, pairs: np.ndarray | None = None) -> np.ndarray:
   """M_G float32 [3, ...]: 0 on the ``edge_fraction`` largest |gradient| components of
   ``chi_grid`` inside the mask, 1 elsewhere: MEDI's edge mask (`medi.edge_mask`) with the
-  network's map in place of the magnitude."""
+  network's map in place of the magnitude. With ``pairs`` (`interior_pairs`), only the
+  components between two mask voxels are ranked and the rest (the step at the mask's edge) get
+  0: the L1 term then does not see the map's level (`refine_cg`'s ``fit_level = 2``)."""
   from qsmgan_tf.classical import medi  # pylint: disable=import-outside-toplevel
+  if pairs is None:
+    if edge_fraction <= 0:
+      return np.ones((3,) + np.shape(chi_grid), np.float32)
+    return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction)
   if edge_fraction <= 0:
-    return np.ones((3,) + np.shape(chi_grid), np.float32)
-  return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction)
+    return pairs.astype(np.float32)
+  g = np.abs(operators.gradient(np.where(mask_grid, chi_grid, 0.0).astype(np.float32),
+                                voxel_size_mm))
+  thr = np.quantile(g[pairs > 0.5], 1.0 - edge_fraction)
+  return ((g <= thr) * pairs).astype(np.float32)
+
+
+def interior_pairs(mask_grid: np.ndarray) -> np.ndarray:
+  """float32 [3, ...]: 1 where a forward-difference component joins two mask voxels (voxel
+  and its next neighbour along the axis, periodic as `operators.gradient`), else 0."""
+  m = np.asarray(mask_grid, np.float32)
+  return np.stack([m * np.roll(m, -1, axis) for axis in range(3)])
 
 
 _LAPLACIAN_NOISE_GAIN = float(np.sqrt(42.0))
@@ -346,22 +383,27 @@ def _monomial_exponents(fit_offset) -> list[tuple[int, int, int]]:
 
 
 def _offset_projection(weight: np.ndarray, fit_offset,
-                       voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> callable:
+                       voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
+                       level_field: np.ndarray | None = None) -> callable:
   """``P y = y - Q Q^T y``, ``Q`` an orthonormal basis of ``W p`` over the polynomials ``p`` of
   degree < ``fit_offset`` (``W = weight``; ``fit_offset = 1``: the constant, ``P y = y - u <u, y> /
-  <u, u>`` with ``u = W``): the weighted data residual with its best-fitting polynomial field
-  removed (the identity unless ``fit_offset``). Coordinates in mm about the grid's centre."""
-  if not int(fit_offset) > 0:
-    return lambda y: y
+  <u, u>`` with ``u = W``) and, if given, ``level_field`` (``B 1``, the weighted field of a
+  uniform susceptibility over the mask: `refine_cg`'s ``fit_level``): the weighted data
+  residual with its best-fitting polynomial field (and uniform body's field) removed (the
+  identity unless either). Coordinates in mm about the grid's centre."""
   if int(fit_offset) > MAX_FIT_OFFSET:
     raise ValueError(f"fit_offset must be 0..{MAX_FIT_OFFSET}, got {fit_offset}")
+  if not int(fit_offset) > 0 and level_field is None:
+    return lambda y: y
   flat = np.flatnonzero(weight)
   coords = [(c - 0.5 * (n - 1)) * (float(v) / _POLY_SCALE_MM)
             for c, n, v in zip(np.unravel_index(flat, weight.shape), weight.shape, voxel_size_mm)]
   w = weight.ravel()[flat].astype(np.float64)
-  basis = np.stack([w * coords[0] ** i * coords[1] ** j * coords[2] ** k
-                    for i, j, k in _monomial_exponents(fit_offset)], axis=1)
-  q = np.linalg.qr(basis)[0]
+  columns = [w * coords[0] ** i * coords[1] ** j * coords[2] ** k
+             for i, j, k in _monomial_exponents(fit_offset)]
+  if level_field is not None:
+    columns.append(level_field.ravel()[flat].astype(np.float64))
+  q = np.linalg.qr(np.stack(columns, axis=1))[0]
 
   def project(y):
     out = np.array(y, np.float32, copy=True)
@@ -371,19 +413,28 @@ def _offset_projection(weight: np.ndarray, fit_offset,
   return project
 
 
+def _level_field(grid: operators.Grid, weight: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  """``B 1``: the weighted field of a uniform susceptibility over the grid's mask."""
+  m = grid.mask.astype(np.float32)
+  return physics.apply_kernel(m, kernel) * weight
+
+
 def _weighted_operator(grid: operators.Grid, weight: np.ndarray, fit_offset: int = 0,
-                       kernel: np.ndarray | None = None):
+                       kernel: np.ndarray | None = None, level_field: np.ndarray | None = None):
   """``(B, A^T)`` on the grid for ``A = P B``, ``B x = W D (M x)`` (the weighted in-mask field
   of an in-mask source; ``W = M`` gives the symmetric ``M D M``) and ``P`` the offset
   projection (`_offset_projection`, the identity unless ``fit_offset``). ``P`` is an
   orthogonal projection, so ``A^T A = A^T B`` and ``A^T (W field - A x) = A^T (W field - B x)``:
   the data term needs ``P`` once per product, in ``A^T``. ``kernel``: the data term's
-  half-spectrum kernel (default the grid's dipole; `_smv_data` gives the filtered one)."""
+  half-spectrum kernel (default the grid's dipole; `_smv_data` gives the filtered one).
+  ``level_field`` (`_level_field`, `refine_cg`'s ``fit_level``): ``P`` also removes it, so a
+  uniform susceptibility over the mask is (nearly) in ``A``'s null space. Also returns ``P``:
+  ``(B, A^T, P)``."""
   m = grid.mask.astype(np.float32)
   kernel = grid.dipole() if kernel is None else kernel
-  project = _offset_projection(weight, fit_offset, grid.voxel_size_mm)
+  project = _offset_projection(weight, fit_offset, grid.voxel_size_mm, level_field)
   return (lambda x: physics.apply_kernel(m * x, kernel) * weight,
-          lambda y: physics.apply_kernel(weight * project(y), kernel) * m)
+          lambda y: physics.apply_kernel(weight * project(y), kernel) * m, project)
 
 
 def _eroded(grid: operators.Grid, radius_mm: float) -> np.ndarray:
@@ -415,10 +466,14 @@ def _smv_data(grid: operators.Grid, radius_mm: float):
 
 
 def _lcurve_point(misfit: float, x: np.ndarray, m: np.ndarray,
-                  voxel_size_mm: Sequence[float]) -> tuple[float, float]:
+                  voxel_size_mm: Sequence[float],
+                  pairs: np.ndarray | None = None) -> tuple[float, float]:
   """``(data misfit, total variation)`` of ``x``: the TV is ``sum |grad x|`` over the mask (the
-  isotropic norm, no edge mask), per voxel."""
+  isotropic norm, no edge mask), per voxel; with ``pairs`` (`interior_pairs`) without the
+  step at the mask's edge."""
   g = operators.gradient((m * x).astype(np.float32), voxel_size_mm).astype(np.float64)
+  if pairs is not None:
+    g *= pairs
   tv = np.sqrt(np.sum(g * g, axis=0))[m > 0.5]
   return misfit, float(tv.mean())
 
@@ -468,6 +523,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               lcurve_slope: float = DEFAULTS["lcurve_slope"],
               lcurve_reweights: int = DEFAULTS["lcurve_reweights"],
               fine_shrinkage: int = DEFAULTS["fine_shrinkage"],
+              fit_level: int = DEFAULTS["fit_level"],
               magnitude: np.ndarray | None = None, return_weight: bool = False):
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -500,6 +556,10 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       docstring): 1 a constant offset (the data term ignores the field's in-mask weighted
       mean), 2 also linear, 3 also quadratic background remnants (up to `MAX_FIT_OFFSET`);
       0 = the field is taken as absolute.
+    fit_level: 1 = the data term ignores the field of a uniform chi over the mask; 2 = the
+      L1 term also leaves out the step at the mask's edge, so that nothing in the solve sees
+      chi's uniform level: the map's level is chi_net's and the rest does not depend on it
+      (module docstring); 0 = both see it.
     noise_reference_ppm: > 0 = ``mu`` and ``tv_weight`` are the weights for a field with
       this much noise (ppm) and are scaled by `regularisation_scale` for this field's own
       noise (module docstring); 0 = used as given.
@@ -536,7 +596,6 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     weight = (mag / mag[grid.mask].mean(dtype=np.float64)).astype(np.float32)
   kernel, eroded, high_pass = _smv_data(grid, smv_radius_mm)
   weight = (weight * eroded * _data_erosion(grid, data_erosion_mm)).astype(np.float32)
-  forward, adjoint = _weighted_operator(grid, weight, fit_offset, kernel)
   vs = grid.voxel_size_mm
   x0 = (grid.to_grid(chi_net) * grid.mask).astype(np.float64)
   f = (grid.to_grid(field_ppm) * grid.mask).astype(np.float32)
@@ -555,15 +614,19 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   weight_r = to_residual_grid(weight) if corrected else weight
   kernel_r, _, high_pass_r = _smv_data(grid_r, smv_radius_mm) if corrected else (
       kernel, None, high_pass)
-  forward_r, adjoint_r = (_weighted_operator(grid_r, weight_r, fit_offset, kernel_r)
-                          if corrected else (forward, adjoint))
+  # The level's field is the residual grid's on both grids: the small grid's own (its
+  # periodic images are close) would leave the CG steps a near-null direction that the
+  # residual's grid does not have, and defect correction diverges along it.
+  level_r = (_level_field(grid_r, weight_r, kernel_r) if int(fit_level) > 0 else None)
+  level = (from_residual_grid(level_r) if corrected and level_r is not None else level_r)
+  forward, adjoint, project = _weighted_operator(grid, weight, fit_offset, kernel, level)
+  forward_r, adjoint_r, project_r = (
+      _weighted_operator(grid_r, weight_r, fit_offset, kernel_r, level_r) if corrected
+      else (forward, adjoint, project))
   f_r = to_residual_grid(f) if corrected else f
   if high_pass_r is not None:  # the SMV-filtered field, on the residual's grid
     f_r = physics.apply_kernel(f_r, high_pass_r).astype(np.float32)
   weighted_field_r = weight_r * f_r
-
-  project_r = (_offset_projection(weight_r, fit_offset, grid_r.voxel_size_mm)
-               if int(lcurve_stages) > 0 else None)
 
   def misfit(x):  # ||P (W field - B x)|| on the residual's grid: the L-curve's residual
     y = project_r(weighted_field_r - forward_r(to_residual_grid(x.astype(np.float32))))
@@ -577,8 +640,11 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   mag_edges = (edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
                if use_tv and mag is not None and magnitude_edge_fraction > 0 else 1.0)
 
+  # fit_level 2: the L1 term leaves the step at the mask's edge (the map's level) alone too.
+  pairs = interior_pairs(grid.mask) if use_tv and int(fit_level) > 1 else None
+
   def edge_mask(chi):
-    return edge_weights(chi.astype(np.float32), grid.mask, vs, edge_fraction) * mag_edges
+    return edge_weights(chi.astype(np.float32), grid.mask, vs, edge_fraction, pairs) * mag_edges
 
   edges0 = edge_mask(x0) if use_tv else None
 
@@ -629,7 +695,8 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     stage_steps = max(int(lcurve_reweights), 1)
     x, tv_weight, _ = _lcurve_continuation(
         x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
-        lambda x: _lcurve_point(misfit(x), x, m, vs), lcurve_stages, lcurve_factor, lcurve_slope)
+        lambda x: _lcurve_point(misfit(x), x, m, vs, pairs), lcurve_stages, lcurve_factor,
+        lcurve_slope)
   chi = grid.from_grid(x.astype(np.float32), mask)
   if int(fine_shrinkage) > 0:
     chi, _ = shrinkage_lib.shrink(chi, np.where(mask, chi_net, 0.0), field_ppm, mask,
@@ -764,11 +831,11 @@ def _order_statistics_tf(values, k):
   return v_lo, v_hi
 
 
-def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction):
+def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction, pairs=None):
   """`edge_weights` in TensorFlow (the same linear quantile, computed in float64)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   g = tf.abs(_gradient_tf(x * m, voxel_size_mm))
-  inside = tf.broadcast_to(m > 0.5, tf.shape(g))
+  inside = tf.broadcast_to(m > 0.5, tf.shape(g)) if pairs is None else pairs > 0.5
   values = tf.boolean_mask(g, inside)
   n = tf.size(values)
   h = tf.cast(n - 1, tf.float64) * (1.0 - tf.cast(edge_fraction, tf.float64))
@@ -776,7 +843,8 @@ def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction):
   v_lo, v_hi = (tf.cast(v, tf.float64) for v in _order_statistics_tf(values, lo))
   thr = tf.cast(v_lo + (h - tf.floor(h)) * (v_hi - v_lo), tf.float32)
   edges = tf.cast(g <= thr, tf.float32)
-  return tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
+  edges = tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
+  return edges if pairs is None else edges * pairs
 
 
 def _padded_laplacian_tf(volume):
@@ -829,8 +897,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               lcurve_stages=DEFAULTS["lcurve_stages"], lcurve_factor=DEFAULTS["lcurve_factor"],
               lcurve_slope=DEFAULTS["lcurve_slope"],
               lcurve_reweights=DEFAULTS["lcurve_reweights"],
-              fine_shrinkage=DEFAULTS["fine_shrinkage"], magnitude=None,
-              return_weight=False):
+              fine_shrinkage=DEFAULTS["fine_shrinkage"], fit_level=DEFAULTS["fit_level"],
+              magnitude=None, return_weight=False):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -858,6 +926,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     lcurve_stages, lcurve_factor, lcurve_slope, lcurve_reweights: the L-curve continuation of
       the L1 weight (`refine_cg`); scalars.
     fine_shrinkage: 1 = weigh the correction per band of k (`fine_shrinkage.shrink_tf`); scalar.
+    fit_level: 1 = the data term does not see chi's uniform level, 2 = nor the L1 term
+      (`refine_cg`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
     return_weight: also return the L1 weight used (after the noise scale and the L-curve).
@@ -932,23 +1002,30 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   weight = tf.cond(data_erosion_mm > 0, lambda: weight * data_erosion(), lambda: weight)
 
   fit_offset = tf.clip_by_value(tf.cast(fit_offset, tf.int32), 0, MAX_FIT_OFFSET)
+  fit_level = tf.cast(fit_level, tf.int32)
+  level_edges = fit_level > 1  # the L1 term leaves the mask's edge alone (fit_level 2)
+  fit_level = fit_level > 0
+  fitted_any = tf.logical_or(fit_offset > 0, fit_level)
   exponents = tf.constant(_monomial_exponents(MAX_FIT_OFFSET), tf.float32)  # [terms, 3]
-  degrees = tf.reduce_sum(exponents, axis=1)
+  # The columns kept: the monomials of degree < fit_offset, then B 1 if fit_level.
+  columns = tf.concat([tf.reduce_sum(exponents, axis=1) < tf.cast(fit_offset, tf.float32),
+                       tf.reshape(fit_level, [1])], axis=0)
 
-  def projection(u):  # `_offset_projection`: the identity unless fit_offset
+  def projection(u, level_field):  # `_offset_projection`: the identity unless either
     def basis():  # Q on u's support, and the support's indices
       where = tf.where(u != 0)
       centre = 0.5 * (tf.cast(tf.shape(u), tf.float32) - 1.0)
       coords = ((tf.cast(where, tf.float32) - centre) * voxel_size_mm) / _POLY_SCALE_MM
       powers = tf.reduce_prod(tf.pow(coords[:, None, :], exponents[None]), axis=2)
-      terms = tf.boolean_mask(powers, degrees < tf.cast(fit_offset, tf.float32), axis=1)
       # float64 as in `refine_cg`: in float32 Q is orthogonal to ~1e-4 only and Q^T y sums
       # ~1e6 voxels, while P must remove a background many times the tissue field's size.
-      weighted = tf.cast(terms * tf.gather_nd(u, where)[:, None], tf.float64)
-      return tf.linalg.qr(weighted)[0], where
+      weighted = tf.cast(powers * tf.gather_nd(u, where)[:, None], tf.float64)
+      level = tf.cast(tf.gather_nd(level_field(), where), tf.float64)[:, None]
+      terms = tf.boolean_mask(tf.concat([weighted, level], axis=1), columns, axis=1)
+      return tf.linalg.qr(terms)[0], where
 
-    # tf.cond: no basis, and no reductions per CG step, when no background is fitted.
-    q, where = tf.cond(fit_offset > 0, basis,
+    # tf.cond: no basis, and no reductions per CG step, when nothing is fitted.
+    q, where = tf.cond(fitted_any, basis,
                        lambda: (tf.zeros([0, 0], tf.float64), tf.zeros([0, 3], tf.int64)))
 
     def fitted(y):
@@ -956,9 +1033,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
       coefficients = tf.linalg.matvec(q, values, transpose_a=True)
       return tf.tensor_scatter_nd_sub(y, where,
                                       tf.cast(tf.linalg.matvec(q, coefficients), tf.float32))
-    return lambda y: tf.cond(fit_offset > 0, lambda: fitted(y), lambda: y)
-
-  project = projection(weight)
+    return lambda y: tf.cond(fitted_any, lambda: fitted(y), lambda: y)
 
   def forward(x):  # B x = W D (M x); A = P B, P applied once, in A^T (`_weighted_operator`)
     return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight
@@ -980,12 +1055,16 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
       tf.signal.rfft3d(field_r) * tf.cast(high_pass(grid_r), tf.complex64), fft_length=grid_r),
                     lambda: field_r)
   weighted_field_r = weight_r * field_r
-  project_r = projection(weight_r)
+
+  def forward_r(x_r):  # B on the residual's grid
+    return tf.signal.irfft3d(tf.signal.rfft3d(m_r * x_r) * kernel_r, fft_length=grid_r) * weight_r
+
+  # The level's field of the residual's grid on both grids, as `refine_cg`.
+  project_r = projection(weight_r, lambda: forward_r(m_r))
+  project = projection(weight, lambda: from_residual_grid(forward_r(m_r)))
 
   def projected_residual(x):  # P (W field - B x) on the residual's grid
-    fwd = tf.signal.irfft3d(tf.signal.rfft3d(m_r * to_residual_grid(x)) * kernel_r,
-                            fft_length=grid_r) * weight_r
-    return project_r(weighted_field_r - fwd)
+    return project_r(weighted_field_r - forward_r(to_residual_grid(x)))
 
   def data_residual(x):  # A^T (P W field - A x) on the residual's grid, as `refine_cg`
     return from_residual_grid(tf.signal.irfft3d(
@@ -1000,8 +1079,13 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
                       lambda: _edge_weights_tf(mag, m, voxel_size_mm, magnitude_edge_fraction),
                       lambda: no_edges)
 
+  # fit_level 2: the L1 term leaves the step at the mask's edge alone too (`refine_cg`).
+  pairs = tf.stack([m * tf.roll(m, -1, axis) for axis in range(3)])
+
   def edge_mask(chi):
-    return _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction) * mag_edges
+    return tf.cond(level_edges,
+                   lambda: _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction, pairs),
+                   lambda: _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction)) * mag_edges
 
   # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
   edges0 = tf.cond(use_tv, lambda: edge_mask(x0), lambda: no_edges)
@@ -1062,6 +1146,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
 
   def point(x):  # `_lcurve_point`
     g = _gradient_tf(m * x, voxel_size_mm)
+    g = tf.where(level_edges, g * pairs, g)
     tv = tf.boolean_mask(tf.sqrt(tf.reduce_sum(g * g, axis=0)), m > 0.5)
     return misfit(x), tf.reduce_mean(tv)
 

@@ -132,12 +132,14 @@ def test_edge_prior_numpy_and_tf_agree(oblique, params, other, apart):
   assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **other), want, mask) > apart
 
 
-def test_defect_correction_converges_to_the_large_grid_solution(oblique):
+@pytest.mark.parametrize("fitted", [{}, {"fit_offset": 1, "fit_level": 1}])
+def test_defect_correction_converges_to_the_large_grid_solution(oblique, fitted):
   """Residuals on a margin-16 grid, CG steps on a margin-1 grid: the fixed point is the
-  margin-16 solve's, although the margin-1 solve itself is far from it."""
+  margin-16 solve's, although the margin-1 solve itself is far from it; also with the offset
+  and the level's field fitted (both grids use the large grid's level field)."""
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
-  quadratic = {"mu": 0.05, "tv_weight": 0.0}
+  quadratic = {"mu": 0.05, "tv_weight": 0.0, **fitted}
   large = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, margin=16, iterations=300,
                            **quadratic)
   small = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, margin=1, iterations=300,
@@ -188,6 +190,42 @@ def test_fitted_background_is_ignored(oblique, fit_offset):
   higher = numpy_solve(field, fit_offset=fit_offset + 1)
   assert _rel(higher, numpy_solve(field, fit_offset=fit_offset), mask) > 1e-4
   assert _rel(tf_solve(field, fit_offset=fit_offset + 1), higher, mask) < 1e-4
+
+
+@pytest.mark.parametrize("params", [{}, {**_CORRECTED, "tv_weight": 0.0, "fit_offset": 1},
+                                    {**_CORRECTED, "fit_offset": 1, "edge_fraction": 0.3,
+                                     "lcurve_stages": 1, "fine_shrinkage": 1}])
+def test_fitted_level_makes_the_solve_blind_to_the_prior_level(oblique, params):
+  """With fit_level 1 the data term ignores the field of a uniform chi over the mask, with 2
+  the L1 term also the step at the mask's edge, so a prior shifted by c over the mask gives the
+  same map shifted by c (the quadratic solve on one grid and two with 1, the L1 term with its
+  edges, the L-curve and the shrinkage with 2; NumPy and TF alike); without it the solve turns
+  the level's field into streaks."""
+  chi, field, mask = oblique
+  prior = _blurred(chi, mask)
+  shift = (0.1 * mask).astype(np.float32)
+
+  def solve(p, fn, **more):
+    if fn == "tf":
+      return refine.refine_tf(p, field, mask.astype(np.float32), np.float32(_OBLIQUE),
+                              np.float32(_VOXEL), **params, **more).numpy()
+    return refine.refine_cg(p, field, mask, _VOXEL, _OBLIQUE, **params, **more)
+
+  # The L1 term's lagged weights amplify float32 round-off (tv_eps is small): a looser bound.
+  use_tv = params.get("tv_weight", refine.DEFAULTS["tv_weight"]) > 0
+  tol, level = (2e-3, 2) if use_tv else (1e-4, 1)
+  want = solve(prior, "numpy", fit_level=level)
+  for fn in ("numpy", "tf"):
+    assert _rel(solve(prior + shift, fn, fit_level=level) - shift, want, mask) < tol
+    assert _rel(solve(prior, fn, fit_level=level), want, mask) < tol
+  if use_tv:  # with 1 the L1 term still sees the level, at the mask's edge
+    assert _rel(solve(prior + shift, "numpy", fit_level=1) - shift, want, mask) > 10 * tol
+  assert _rel(solve(prior + shift, "numpy") - shift, solve(prior, "numpy"), mask) > 1e-2
+  # A wrong level hurts without the fit: the demeaned error of the shifted prior's map grows.
+  def error(x):
+    return _rel(x - x[mask].mean(), chi - chi[mask].mean(), mask)
+  assert error(solve(prior + shift, "numpy", fit_level=level)) < 0.8 * error(
+      solve(prior + shift, "numpy"))
 
 
 def test_fit_offset_above_the_largest_degree_is_refused(oblique):
@@ -591,7 +629,7 @@ def test_lcurve_continuation_keeps_stages_while_steep():
 
 
 @pytest.mark.parametrize("bad", ["data_erosion_mm=-1", "lcurve_stages=-1", "lcurve_factor=1",
-                                 "lcurve_reweights=0"])
+                                 "lcurve_reweights=0", "fit_level=3"])
 def test_resolve_params_refuses_out_of_range_values(bad):
   key, value = bad.split("=")
   with pytest.raises(ValueError, match=key):
