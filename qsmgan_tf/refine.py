@@ -831,11 +831,13 @@ def _order_statistics_tf(values, k):
   return v_lo, v_hi
 
 
-def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction, pairs=None):
-  """`edge_weights` in TensorFlow (the same linear quantile, computed in float64)."""
+def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction, support=None):
+  """`edge_weights` in TensorFlow (the same linear quantile, computed in float64); ``support``
+  [3, ...] (> 0.5: ranked) replaces the mask's voxels as the components ranked (the caller
+  multiplies by `interior_pairs` for ``fit_level = 2``)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   g = tf.abs(_gradient_tf(x * m, voxel_size_mm))
-  inside = tf.broadcast_to(m > 0.5, tf.shape(g)) if pairs is None else pairs > 0.5
+  inside = tf.broadcast_to(m > 0.5, tf.shape(g)) if support is None else support > 0.5
   values = tf.boolean_mask(g, inside)
   n = tf.size(values)
   h = tf.cast(n - 1, tf.float64) * (1.0 - tf.cast(edge_fraction, tf.float64))
@@ -843,8 +845,7 @@ def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction, pairs=None):
   v_lo, v_hi = (tf.cast(v, tf.float64) for v in _order_statistics_tf(values, lo))
   thr = tf.cast(v_lo + (h - tf.floor(h)) * (v_hi - v_lo), tf.float32)
   edges = tf.cast(g <= thr, tf.float32)
-  edges = tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
-  return edges if pairs is None else edges * pairs
+  return tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
 
 
 def _padded_laplacian_tf(volume):
@@ -1079,13 +1080,15 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
                       lambda: _edge_weights_tf(mag, m, voxel_size_mm, magnitude_edge_fraction),
                       lambda: no_edges)
 
-  # fit_level 2: the L1 term leaves the step at the mask's edge alone too (`refine_cg`).
+  # fit_level 2: the L1 term leaves the step at the mask's edge alone too (`refine_cg`): the
+  # components ranked and kept are the interior pairs instead of the mask's voxels (one
+  # ranking in the graph either way: a tf.cond over two would trace the sort twice).
   pairs = tf.stack([m * tf.roll(m, -1, axis) for axis in range(3)])
+  ranked = tf.where(level_edges, pairs, tf.broadcast_to(m, tf.shape(pairs)))
+  kept = tf.where(level_edges, pairs, tf.ones_like(pairs))
 
   def edge_mask(chi):
-    return tf.cond(level_edges,
-                   lambda: _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction, pairs),
-                   lambda: _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction)) * mag_edges
+    return _edge_weights_tf(chi, m, voxel_size_mm, edge_fraction, ranked) * kept * mag_edges
 
   # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
   edges0 = tf.cond(use_tv, lambda: edge_mask(x0), lambda: no_edges)
