@@ -26,12 +26,12 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qsmgan_tf import cli  # pylint: disable=wrong-import-position
+from qsmgan_tf import metrics  # pylint: disable=wrong-import-position
 from qsmgan_tf import nifti_io  # pylint: disable=wrong-import-position
 from qsmgan_tf.nifti_io import InputError  # pylint: disable=wrong-import-position
-from validation_cases import CASES  # pylint: disable=wrong-import-position
+from validation_cases import CASES  # pylint: disable=wrong-import-position  # script's folder
 
 _MODEL = flags.DEFINE_string("model", None, "QSMGAN SavedModel version folder (default: the "
                              "newest shipped one).")
@@ -41,13 +41,6 @@ _SHIFTS = flags.DEFINE_list("shifts_ppm", ["-0.05", "0", "0.05"], "Shifts of the
                             "map over the mask, ppm.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/validation", "Where the validation phantoms "
                                 "are (or are made).")
-
-
-def _nrmse(chi, truth, mask) -> float:
-  """NRMSE %, both maps demeaned over the mask."""
-  a = chi[mask] - chi[mask].mean()
-  b = truth[mask] - truth[mask].mean()
-  return float(100.0 * np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _subject(case: str):
@@ -90,7 +83,7 @@ def main(argv):
         start = np.where(mask, chi_net + np.float32(shift), 0.0)
         chi = inference.run_refine_tf(start, volumes["field"], mask, b0, voxel, params)
         row = {"case": case, "fit_level": level, "shift_ppm": shift,
-               "nrmse": round(_nrmse(chi, volumes["chi"], mask), 2)}
+               "nrmse": round(metrics.evaluate(chi, volumes["chi"], mask)["nrmse"], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
   print("\n| case | fit_level | " + " | ".join(f"shift {s:+g} ppm" for s in shifts) + " |")

@@ -29,9 +29,7 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from validation_cases import CASES  # pylint: disable=wrong-import-position
+from validation_cases import CASES  # benchmarks/ is the script's folder, so on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "QSMGAN SavedModel version folder (default: the "
                              "newest under saved_models/qsmgan).")
