@@ -60,9 +60,25 @@ def exported(tmp_path_factory):
   base = model_dir.parent / "saved_models" / "qsmgan"
   (base / "notes").mkdir(parents=True)  # not a version: TF Serving and export ignore it
   # In-process (the binary's main is this call plus flags; its error paths are tested below).
-  path = export.export_model(model_dir, base)
+  traces = []
+  with pytest.MonkeyPatch.context() as patch:  # counts the refinement's traces
+    patch.setattr(refine, "refine_tf", lambda *a, _f=refine.refine_tf, **k: traces.append(1)
+                  or _f(*a, **k))
+    path = export.export_model(model_dir, base)
   assert path == base / "1"
+  _TRACES.append(len(traces))
   return path, generator, _contract(config)
+
+
+_TRACES = []
+
+
+def test_the_refinement_is_traced_once_per_signature(exported):
+  """predict_volume, predict_volume_magnitude and refine: three traces, none again at save
+  time (keras.export.ExportArchive's tf.function attributes were traced again in the save
+  context and stored twice: twice the export time and saved_model.pb)."""
+  del exported
+  assert _TRACES == [3]
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +270,7 @@ def test_contract_patch_sizes_must_match_the_generator(tmp_path):
 # Version folders (the archive is faked: these test the folder logic, not TF)
 # --------------------------------------------------------------------------------------
 class _FakeArchive:
-  """Stands in for the ExportArchive: writes a marker file; optionally dies half-way."""
+  """Stands in for `export.SavedModelArchive`: writes a marker file; optionally dies half-way."""
 
   def __init__(self, base, fail=False):
     self.base, self.fail, self.written = base, fail, None
