@@ -307,7 +307,8 @@ def build_critic(config: CriticConfig, generator_config: GeneratorConfig,
   """Builds the conditional WGAN critic: (field patch, chi patch) -> unbounded score.
 
   The critic sees the input field cropped to the output patch next to chi, so it judges "is
-  this chi consistent with this field", not only "does this look like a QSM".
+  this chi consistent with this field", not only "does this look like a QSM". Its first block
+  is one strided convolution of the two as channels, written as a sum of two convolutions.
 
   Args:
     config: CriticConfig.
@@ -326,13 +327,24 @@ def build_critic(config: CriticConfig, generator_config: GeneratorConfig,
     f = keras.layers.Cropping3D(crop_margin(generator_config), name="field_crop")(f)
   f = keras.layers.Rescaling(generator_config.field_scale, name="field_normalise")(f)
   c = keras.layers.Rescaling(generator_config.chi_scale, name="chi_normalise")(chi)
-  x = keras.layers.Concatenate(name="condition")([f, c])
+  # The first block convolves field and chi separately and adds: the function of one
+  # convolution of their channel concatenation, without a Concatenate. The gradient penalty
+  # differentiates twice; the concatenation's second derivative (a Pad feeding the first
+  # convolution's filter gradient) made grappler's remapper abort on every WGAN-GP step
+  # ("remapper failed: INVALID_ARGUMENT: Mutation::Apply error ... condition_1/Pad").
+  def conv(filters, name, use_bias=True):
+    return keras.layers.Conv3D(filters, 4, strides=2, padding="same", use_bias=use_bias,
+                               name=name)
+
+  x = keras.layers.Add(name="block0_conv")([
+      conv(config.base_filters, "block0_conv_field")(f),
+      conv(config.base_filters, "block0_conv_chi", use_bias=False)(c)])
   for block in range(config.num_blocks):
-    x = keras.layers.Conv3D(config.base_filters * 2**block, 4, strides=2, padding="same",
-                            name=f"block{block}_conv")(x)
+    if block:
+      x = conv(config.base_filters * 2**block, f"block{block}_conv")(x)
     if config.norm == "layer":
       x = keras.layers.LayerNormalization(name=f"block{block}_norm")(x)
-    x = keras.layers.LeakyReLU(negative_slope=config.leaky_slope, name=f"block{block}_act")(x)
+    x = LeakyMax(config.leaky_slope, name=f"block{block}_act")(x)  # why: see LeakyMax
   x = keras.layers.Flatten(name="flatten")(x)
   score = keras.layers.Dense(1, dtype="float32", name="score")(x)
   return keras.Model([field, chi], score, name=name)

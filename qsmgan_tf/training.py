@@ -595,7 +595,13 @@ def _run_stage(stage, steps, offset, config, strategy, generator, gen_config, cr
   ckpt_dir = _checkpoint_dir(model_dir, stage, strategy)
   manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=config.max_checkpoints)
   if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    try:
+      checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    except (ValueError, AssertionError) as err:  # another architecture wrote it
+      first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+      raise InputError(f"{stage}: the checkpoint {manager.latest_checkpoint} does not fit this "
+                       f"code's networks (written by another version or preset?): {first}; "
+                       f"use a new --model_dir, or --init_from the old generator") from err
     logging.info("%s: resumed from %s", stage, manager.latest_checkpoint)
   step_var = model.gen_optimizer.iterations
   start = int(step_var.numpy())

@@ -152,9 +152,9 @@ def test_critic_is_conditional_strided_and_has_no_batchnorm():
   gen_config = networks.PRESETS["test_tiny"]
   critic = networks.build_critic(networks.CRITIC_PRESETS["test_tiny"], gen_config)
   convs = [l for l in critic.layers if isinstance(l, keras.layers.Conv3D)]
-  assert len(convs) == 4
+  assert len(convs) == 5  # block 0 is a field and a chi convolution, added
   assert all(l.strides == (2, 2, 2) and l.kernel_size == (4, 4, 4) for l in convs)
-  assert [l.filters for l in convs] == [4, 8, 16, 32]
+  assert sorted(l.filters for l in convs) == [4, 4, 8, 16, 32]
   assert not any(isinstance(l, keras.layers.BatchNormalization) for l in critic.layers)
   field = tf.random.stateless_normal((3, 24, 24, 24, 1), seed=(0, 1))
   chi = tf.zeros((3, 16, 16, 16, 1))
@@ -163,6 +163,29 @@ def test_critic_is_conditional_strided_and_has_no_batchnorm():
   # Conditioned on the field: the same chi with another field scores differently.
   other = critic([field * 0.0, chi])
   assert not np.allclose(np.asarray(score), np.asarray(other))
+
+
+def test_critic_first_block_is_one_convolution_of_field_and_chi_as_channels():
+  """The split first block (no Concatenate: see build_critic) equals Conv3D over the
+  concatenation with the two kernels stacked on the input-channel axis, then LeakyReLU."""
+  gen_config = networks.PRESETS["test_tiny"]
+  critic = networks.build_critic(networks.CRITIC_PRESETS["test_tiny"], gen_config)
+  rng = np.random.default_rng(3)
+  field = rng.standard_normal((2, 24, 24, 24, 1)).astype(np.float32)
+  chi = rng.standard_normal((2, 16, 16, 16, 1)).astype(np.float32)
+  for layer in critic.layers:  # non-zero biases everywhere
+    for weight in layer.weights:
+      weight.assign(rng.standard_normal(weight.shape).astype(np.float32) * 0.1)
+  first = keras.Model(critic.inputs, critic.get_layer("block0_act").output)(
+      [field, chi]).numpy()
+  margin = networks.crop_margin(gen_config)
+  f = field[:, margin:-margin, margin:-margin, margin:-margin] * gen_config.field_scale
+  joined = np.concatenate([f, chi * gen_config.chi_scale], axis=-1)
+  field_conv, chi_conv = critic.get_layer("block0_conv_field"), critic.get_layer("block0_conv_chi")
+  kernel = np.concatenate([field_conv.kernel.numpy(), chi_conv.kernel.numpy()], axis=3)
+  reference = tf.nn.conv3d(joined, kernel, [1, 2, 2, 2, 1], "SAME") + field_conv.bias.numpy()
+  reference = tf.nn.leaky_relu(reference, networks.CRITIC_PRESETS["test_tiny"].leaky_slope)
+  np.testing.assert_allclose(first, reference.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_leaky_max_is_leaky_relu_and_saves(tmp_path):

@@ -1,5 +1,6 @@
 """Tests for qsmgan_tf.training, qsmgan_tf.train (the CLI) and qsmgan_tf.distribute."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -145,6 +146,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     if name.startswith("generator/"):
       assert np.isfinite(reader.get_tensor(name)).all(), name
   assert not (tmp_path / "generator_final.keras").exists()
+
+
+def test_a_checkpoint_of_other_networks_is_a_clear_error(tmp_path, monkeypatch):
+  """Resuming with networks the checkpoint does not fit (another code version's critic) is
+  one InputError naming the checkpoint, not a restore traceback."""
+  config = _config(tmp_path, stage="wgan_gp", total_steps=1, n_critic=1)
+  training.train(config, datasets=_in_memory())
+  build = networks.build_critic
+  monkeypatch.setattr(networks, "build_critic", lambda critic_config, *a, **k: build(
+      dataclasses.replace(critic_config, base_filters=critic_config.base_filters + 1), *a, **k))
+  with pytest.raises(InputError, match=r"wgan_gp: the checkpoint .*ckpt-1 does not fit"):
+    training.train(_config(tmp_path, stage="wgan_gp", total_steps=2, n_critic=1),
+                   datasets=_in_memory())
 
 
 def _checkpoint_steps(ckpt_dir):
