@@ -384,12 +384,36 @@ def parse_batch(serialized, spec: Mapping[str, Mapping], names: Sequence[str] = 
             [f"{name} stored with another shape than the manifest's {shape}:", got_shape]),
     ]
     with tf.control_dependencies(checks):
-      values = tf.io.decode_raw(parsed[f"{name}/data"], tf.dtypes.as_dtype(dtype),
+      values = tf.io.decode_raw(parsed[f"{name}/data"],
+                                tf.uint16 if dtype == "float16" else tf.dtypes.as_dtype(dtype),
                                 little_endian=True)
+    values = half_bits_to_float32(values) if dtype == "float16" else tf.cast(values, tf.float32)
     values = tf.reshape(values, [-1, *shape, 1])
     values.set_shape([serialized.shape[0], *shape, 1])  # keeps a static batch (drop_remainder)
-    out.append(tf.cast(values, tf.float32))
+    out.append(values)
   return tuple(out)
+
+
+def half_bits_to_float32(bits):
+  """IEEE binary16 bit patterns (uint16 tensor) -> their exact float32 values, in integer ops.
+
+  Why not ``decode_raw(float16)`` and a cast: a half-precision op in the input pipeline makes
+  oneDNN print ``E0000 ... oneDNN supports DT_HALF only on platforms with AVX-512`` at the start
+  of every training run on CPUs without AVX-512 FP16, an alarming line for a harmless fallback.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  bits = tf.cast(bits, tf.int32)
+  exponent = tf.bitwise.bitwise_and(bits, 0x7C00)
+  # Normal numbers: sign to bit 31, exponent and mantissa shifted up 13 bits and the exponent
+  # rebiased by 127 - 15 = 112; infinities and NaNs (exponent 31) need 112 more (to 255).
+  rebias = tf.where(exponent == 0x7C00, 224 << 23, 112 << 23)
+  widened = tf.bitwise.left_shift(tf.bitwise.bitwise_and(bits, 0x7FFF), 13) + rebias
+  normal = tf.bitcast(tf.bitwise.bitwise_or(
+      widened, tf.bitwise.left_shift(tf.bitwise.bitwise_and(bits, 0x8000), 16)), tf.float32)
+  # Subnormals and zeros (exponent 0): mantissa * 2^-24, exact in float32 (<= 10 bits).
+  subnormal = tf.cast(tf.bitwise.bitwise_and(bits, 0x3FF), tf.float32) * 2.0**-24
+  return tf.where(exponent == 0, tf.where(bits >= 0x8000, -subnormal, subnormal), normal)
 
 
 # --------------------------------------------------------------------------------------

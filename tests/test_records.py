@@ -77,6 +77,18 @@ def test_parse_batch_matches_numpy_and_rejects_wrong_dtype_or_shape():
     records.parse_batch(tf.constant([data]), wrong)
 
 
+def test_half_bits_decode_exactly_like_numpy_for_every_pattern():
+  """All 65,536 float16 bit patterns: zeros of both signs, subnormals, normals, infinities."""
+  bits = np.arange(1 << 16, dtype=np.uint16)
+  want = bits.view(np.float16).astype(np.float32)
+  got = records.half_bits_to_float32(tf.constant(bits)).numpy()
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  finite = ~np.isnan(want)
+  np.testing.assert_array_equal(got[finite], want[finite])
+  np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+
+
 @pytest.mark.parametrize("arrays_update, meta_update, message", [
     ({"field": np.full((4, 4, 4), 7e4, np.float32)}, {}, "float16 range"),   # overflow
     ({"chi": np.full((2, 2, 2), np.nan, np.float32)}, {}, "non-finite"),   # NaN
