@@ -14,14 +14,21 @@ Example (28 synthetic subjects, the paper's patch geometry, 2 local worker proce
     --dtype=float16 --shards=16 --target=chi --runner=DirectRunner
 
 then ``python -m data_prep.verify /data/qsm_train``.
+
+While the pipeline runs, this process's stderr, which Beam's worker processes inherit, goes to
+a temporary log file: the workers log their start-up and every bundle at INFO whatever the
+pipeline options say. It is removed after a successful run and named after a failed one;
+``--verbosity=1`` (or ``-v 1``) shows everything live instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import pathlib
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -124,6 +131,33 @@ def _parse_flags(argv):
   return flags.FLAGS(argv, known_only=True)
 
 
+@contextlib.contextmanager
+def _stderr_to_log(enabled: bool):
+  """fd 2 (inherited by Beam's worker processes) into a temporary log file while enabled."""
+  if not enabled:
+    yield
+    return
+  sys.stderr.flush()
+  fd, path = tempfile.mkstemp(prefix="qsmgan-beam-", suffix=".log")
+  saved = os.dup(2)
+  os.dup2(fd, 2)
+  os.close(fd)
+  failure = None
+  try:
+    yield
+  except BaseException as err:
+    failure = err
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    if failure is None or isinstance(failure, InputError):  # bad input: its one line says all
+      os.unlink(path)
+    else:
+      logging.error("the Beam run's log (workers included): %s", path)
+
+
 @cli.one_line_errors
 def main(argv):
   # Imports here: --help must not pay for numpy/scipy/Beam.
@@ -173,13 +207,17 @@ def main(argv):
   resolved = {f.name: f.value for f in flags.FLAGS.get_flags_for_module(sys.modules[__name__])
               if f.name not in ("runner", "direct_num_workers", "direct_running_mode")}
   resolved["beam_args"] = extra
-  manifest = pipeline.make_dataset(
-      specs, config, _OUT_DIR.value,
-      pipeline.WriteOptions(train_shards=_SHARDS.value, val_shards=_VAL_SHARDS.value,
-                            sharding=_SHARDING.value, seed=_SEED.value,
-                            beam_args=tuple(pipeline.beam_args(
-                                _RUNNER.value, _NUM_WORKERS.value, _RUNNING_MODE.value, extra))),
-      target=_TARGET.value, flags=resolved, overwrite=_OVERWRITE.value)
+  print(f"simulating {len(specs)} subjects and writing their patch pairs with Beam "
+        f"({_RUNNER.value})...", flush=True)
+  with _stderr_to_log(logging.get_verbosity() < logging.DEBUG):
+    manifest = pipeline.make_dataset(
+        specs, config, _OUT_DIR.value,
+        pipeline.WriteOptions(train_shards=_SHARDS.value, val_shards=_VAL_SHARDS.value,
+                              sharding=_SHARDING.value, seed=_SEED.value,
+                              beam_args=tuple(pipeline.beam_args(
+                                  _RUNNER.value, _NUM_WORKERS.value, _RUNNING_MODE.value,
+                                  extra))),
+        target=_TARGET.value, flags=resolved, overwrite=_OVERWRITE.value)
   counts = {s: e["num_examples"] for s, e in manifest["splits"].items()}
   logging.info("dataset %s: %s examples, digest %s", _OUT_DIR.value, counts,
                manifest["example_digest"][:16])

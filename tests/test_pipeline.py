@@ -44,6 +44,8 @@ def datasets(tmp_path_factory):
   proc = _run_binary(f"--out_dir={root / 'a'}", "--seed=1", "--direct_num_workers=2",
                      "--direct_running_mode=multi_processing", *_BINARY_ARGS, cwd=root)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Quiet by default: the workers' start-up and bundle lines went to a log file, then removed.
+  assert "sdk_worker" not in proc.stderr and "apache_beam" not in proc.stderr, proc.stderr[-3000:]
   same_seed = _in_process(root / "b", seed=1)
   # More validation shards than validation pairs: some shards are empty.
   other_seed = _in_process(root / "c", seed=2, val_shards=64)
