@@ -7,7 +7,7 @@ the global policy when it is constructed.
   strategy = distribute.make_strategy('auto')
   policy = distribute.set_precision('auto')
 
-Measured on this project's machine (REFERENCE.md): mixed_bfloat16 is the fastest CPU policy where
+Measured on this project's 2-core CPU machine: mixed_bfloat16 is the fastest CPU policy where
 the CPU has AVX512-BF16/AMX; mixed_float16 on CPU is ~1000x slower in conv backprop, so 'auto'
 picks float16 only on GPUs.
 """

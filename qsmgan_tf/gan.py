@@ -5,7 +5,7 @@ gradient term). Stage 'wgan_gp' runs ``n_critic`` critic updates with a gradient
 generator update with voxel loss + ``lambda_adv`` x adversarial loss. ``Model.fit`` drives both,
 so progress bars, callbacks and TensorBoard come from Keras.
 
-Distribution (measured pitfalls, see REFERENCE.md): gradients are SUM-reduced across replicas,
+Distribution (measured pitfalls): gradients are SUM-reduced across replicas,
 so every hand-written loss is divided by ``num_replicas_in_sync`` before the gradient; trackers get
 unscaled values. Both optimizers are built in ``compile()`` under the strategy scope. The critic
 loop is a Python loop (unrolled in the graph): no ``tf.cond`` around ``optimizer.apply``. The

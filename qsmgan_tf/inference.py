@@ -8,7 +8,7 @@ Pipeline of `reconstruct_qsmgan` (every step logged and recorded in the returned
      undone on the network output. Nothing assumes an axial acquisition silently;
   2. the network, by default in the model's graph (`network_volume_tf`): ONE fully
      convolutional pass over the mask's bounding box (`volume_pass_tf`: same accuracy as
-     overlapping tiles and several times faster, REFERENCE.md) while its input has at most
+     overlapping tiles and several times faster, measured) while its input has at most
      ``contract['inference']['max_single_pass_voxels']`` voxels (`TILING_DEFAULTS`: ~12 GB
      in float32 for the paper preset), beyond that overlapping Gaussian-blended tiles of the
      same region in a `tf.while_loop` (`volume_tiles_tf`), chosen per input by `tf.cond`.

@@ -1,6 +1,6 @@
 """QSM physics: the one implementation of the dipole model for the whole project.
 
-Conventions (see CONVENTIONS.md):
+Conventions (docs/conventions.md):
   * susceptibility ``chi_ppm`` in ppm, local field ``field_ppm`` in ppm of B0;
   * dipole kernel ``D(k) = 1/3 - (k.b)^2/|k|^2`` with ``D(0) = 0``, ``k`` from
     ``fftfreq(n, d=voxel_size_mm)`` (cycles/mm) and ``b`` the unit B0 direction in

@@ -120,7 +120,7 @@ class TrainConfig:
     return dataclasses.asdict(self)
 
 
-# Named bundles of defaults (STYLE.md: presets are flag defaults, not code). Explicit values win.
+# Named bundles of defaults (presets are flag defaults, not code). Explicit values win.
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "paper": dict(total_steps=20000, steps_per_epoch=500, global_batch_size=2,
                   checkpoint_every_steps=500, log_every_steps=50, val_steps=32),
@@ -206,7 +206,7 @@ def _manifest_info(data_dir) -> dict[str, Any]:
 def build_contract(gen_config: networks.GeneratorConfig, critic_config: networks.CriticConfig,
                    config: TrainConfig, data_info: dict[str, Any], precision: str
                    ) -> dict[str, Any]:
-  """The model's contract (CONVENTIONS.md, Models): everything a user of the weights needs."""
+  """The model's contract (docs/conventions.md, Models): everything a user of the weights needs."""
   voxel_sizes = data_info.get("voxel_sizes_mm") or [[1.0, 1.0, 1.0]]
   b0_dirs = data_info.get("b0_dirs") or [[0.0, 0.0, 1.0]]
   return {

@@ -2,8 +2,8 @@
 
 TensorFlow can split the CPU into logical devices only before it initialises its runtime, so the
 split happens here, once, before any test imports a TF-based module: every test then sees
-``/cpu:0`` and ``/cpu:1`` and distribution tests can build ``MirroredStrategy`` over both, as
-STYLE.md asks (distribution is tested on CPU with two logical devices).
+``/cpu:0`` and ``/cpu:1`` and distribution tests can build ``MirroredStrategy`` over both
+(distribution is tested on CPU with two logical devices).
 """
 
 import os

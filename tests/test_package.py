@@ -39,7 +39,7 @@ def test_library_modules_define_no_flags():
 
 
 def test_every_binary_answers_help_without_tensorflow():
-  # STYLE.md: no TF import before --help is answered (it takes seconds to load).
+  # No TF import before --help is answered (it takes seconds to load).
   for name in sorted(BINARIES):
     code = (f"import runpy, sys\nsys.argv = ['{name}', '--help']\n"
             "try:\n"

@@ -12,7 +12,7 @@ exception and keeps 2x (see `cfl2`).
 
 Gradients are forward differences with periodic boundaries on the padded grid, so that their
 Fourier symbol is exactly ``E_i(k) = (exp(2 pi i k_i d_i) - 1) / d_i`` and
-``sum_i |E_i|^2 = sum_i (2 sin(pi k_i d_i) / d_i)^2`` (REFERENCE.md), the |G(k)|^2 of the
+``sum_i |E_i|^2 = sum_i (2 sin(pi k_i d_i) / d_i)^2``, the |G(k)|^2 of the
 closed-form methods. `divergence` is the negative adjoint of `gradient` (backward differences).
 """
 
