@@ -15,7 +15,8 @@ re-run or change any single step:
      on that brain: a markdown table on stdout, results.json and figure.png.
 
 Re-running the command reuses what is complete (the dataset, the validation phantom) and resumes
-training from its last checkpoint. Measured on 2 CPU cores: about 10-12 minutes with the defaults (BUILD.md).
+training from its last checkpoint. The stages run with ``TF_CPP_MIN_LOG_LEVEL=1`` (TensorFlow's
+C++ start-up INFO lines hidden; warnings and errors shown) unless the environment sets it. Measured on 2 CPU cores: about 10-12 minutes with the defaults (BUILD.md).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def _run(step: str, args: list[str]) -> None:
   command = [sys.executable, "-m"] + args
   print(f"\n=== {step}\n$ {shlex.join(command)}", flush=True)
   start = time.time()
-  status = subprocess.call(command)
+  env = dict(os.environ)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  status = subprocess.call(command, env=env)
   if status != 0:
     raise SystemExit(cli.fail(f"quickstart step '{step}' failed with status {status}; "
                               "fix the cause and re-run the same command to resume")

@@ -22,6 +22,10 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
          "--val_shape=48,56,48", "--quiet"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # No alarming line from any stage: no C++ error-level log (grappler's remapper, oneDNN's
+  # DT_HALF), no Beam worker chatter, no traceback.
+  for alarming in ("E0000", "remapper", "DT_HALF", "sdk_worker", "Traceback"):
+    assert alarming not in proc.stderr, (alarming, proc.stderr[-3000:])
   # Every stage left its product where the summary says.
   assert (work / "data" / "manifest.json").exists()
   assert (work / "model" / "generator_final.keras").exists()
