@@ -31,7 +31,7 @@ from data_prep import phantoms  # pylint: disable=wrong-import-position
 from qsmgan_tf import cli  # pylint: disable=wrong-import-position
 from qsmgan_tf import metrics  # pylint: disable=wrong-import-position
 from qsmgan_tf import nifti_io  # pylint: disable=wrong-import-position
-from qsmgan_tf.nifti_io import InputError  # pylint: disable=wrong-import-position
+from qsmgan_tf.errors import InputError  # pylint: disable=wrong-import-position
 
 _SEEDS = flags.DEFINE_list("seeds", ["850001", "850002", "850003"], "Brain phantom seeds.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with mask.nii.gz and chi_cosmos.nii.gz "

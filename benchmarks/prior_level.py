@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qsmgan_tf import cli  # pylint: disable=wrong-import-position
 from qsmgan_tf import metrics  # pylint: disable=wrong-import-position
 from qsmgan_tf import nifti_io  # pylint: disable=wrong-import-position
-from qsmgan_tf.nifti_io import InputError  # pylint: disable=wrong-import-position
+from qsmgan_tf.errors import InputError  # pylint: disable=wrong-import-position
 from validation_cases import CASES  # pylint: disable=wrong-import-position  # script's folder
 
 _MODEL = flags.DEFINE_string("model", None, "QSMGAN SavedModel version folder (default: the "

@@ -51,7 +51,7 @@ from qsmgan_tf import cli  # pylint: disable=wrong-import-position
 from qsmgan_tf import evaluation  # pylint: disable=wrong-import-position
 from qsmgan_tf import metrics  # pylint: disable=wrong-import-position
 from qsmgan_tf import nifti_io  # pylint: disable=wrong-import-position
-from qsmgan_tf.nifti_io import InputError  # pylint: disable=wrong-import-position
+from qsmgan_tf.errors import InputError  # pylint: disable=wrong-import-position
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared/real/qsm2016"
 FILES = {"field": "field_ppm.nii.gz", "mask": "mask.nii.gz", "truth": "chi_cosmos.nii.gz"}

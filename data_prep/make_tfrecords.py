@@ -35,7 +35,7 @@ from absl import flags
 from absl import logging
 
 from qsmgan_tf import cli
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Dataset folder to create (must not exist "
                                "unless --overwrite).")

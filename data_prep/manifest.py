@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import qsmgan_tf
 from qsmgan_tf import nifti_io
 from qsmgan_tf import records
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 NORMALISATION = "none: field (ppm of B0) and target (ppm) are stored as they are; the model normalises"
 DIPOLE_CONVENTION = "D(k) = 1/3 - (k.b0)^2/|k|^2, D(0) = 0: a paramagnetic source gives a positive field"

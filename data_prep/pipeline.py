@@ -35,7 +35,7 @@ from data_prep import phantoms as phantoms_lib
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf import records
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 SPLITS = ("train", "val")
 SYNTHETIC_KINDS = ("brain", "shapes")

@@ -19,7 +19,7 @@ from absl import flags
 
 from qsmgan_tf import cli
 from qsmgan_tf import records
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _LEVEL = flags.DEFINE_enum("level", "full", list(records.CHECK_LEVELS), "How deep to check.")
 

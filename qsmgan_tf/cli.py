@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 EXIT_BAD_INPUT = 2
 

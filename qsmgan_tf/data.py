@@ -22,7 +22,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from qsmgan_tf import records
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 
 # Start-up check levels of `make_dataset(verify=...)`.

@@ -21,7 +21,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")

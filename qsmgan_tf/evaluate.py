@@ -37,7 +37,7 @@ from absl import flags
 
 from qsmgan_tf import cli
 from qsmgan_tf import evaluation
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _FIELD = flags.DEFINE_string("field", None, "Local field NIfTI (unit: --field_units).")
 _FIELD_UNITS = flags.DEFINE_enum("field_units", "ppm", ["ppm", "hz", "rad"],

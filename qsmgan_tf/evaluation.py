@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 
 # (header, metrics key, better): the table's columns, in order.

@@ -19,7 +19,7 @@ from absl import flags
 
 from qsmgan_tf import cli
 from qsmgan_tf import exporting
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Training output folder (contract.json, "
                                  "generator_best.keras, generator_final.keras).")

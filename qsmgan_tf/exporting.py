@@ -54,7 +54,7 @@ from absl import logging
 from qsmgan_tf.serving import (CONTRACT, CONTRACT_OUTPUT, NETWORK_VOLUME, PATCH_INPUT,
                                PATCH_OUTPUT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, REFINE,
                                SERVING_DEFAULT)
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 CONTRACT_ASSET = "contract.json"
 VOLUME_SIGNATURES = [SERVING_DEFAULT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, NETWORK_VOLUME,

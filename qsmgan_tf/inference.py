@@ -50,7 +50,7 @@ from qsmgan_tf import physics
 from qsmgan_tf import physics_tf
 from qsmgan_tf import refine as refine_lib
 from qsmgan_tf import serving
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 INFERENCE_MODES = ("single", "sliding_window")
 BLEND_MODES = ("gaussian", "constant")

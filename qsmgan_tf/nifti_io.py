@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from qsmgan_tf.errors import InputError  # also reachable as nifti_io.InputError
+
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class InputError(ValueError):
-  """Bad user input: the message is one line that says what is wrong and with which file."""
 
 
 def _name(path) -> str:

@@ -92,7 +92,7 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def _check_output(output: str, inputs) -> None:
   """Bad output paths fail before any work is done."""
-  from qsmgan_tf.nifti_io import InputError  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf.errors import InputError  # pylint: disable=import-outside-toplevel
 
   if not output.endswith(_NIFTI_SUFFIXES):
     raise InputError(f"--output must end in .nii or .nii.gz, got {os.path.basename(output)}")

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 FORMAT = "qsmgan_tf.patch_pairs"
 SCHEMA_VERSION = 1

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 # Signature and tensor names: `export` writes them, these clients send them.
 SERVING_DEFAULT = "serving_default"

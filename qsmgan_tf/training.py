@@ -43,7 +43,7 @@ import qsmgan_tf
 from qsmgan_tf import distribute
 from qsmgan_tf import gan
 from qsmgan_tf import networks
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 from qsmgan_tf import nifti_io
 
 STAGE_CHOICES = ("pretrain", "wgan_gp", "both")

@@ -14,7 +14,7 @@ from qsmgan_tf import data
 from qsmgan_tf import records
 
 import shard_helpers  # tests/shard_helpers.py
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from qsmgan_tf import evaluation as evaluate  # the library behind the binary
 from qsmgan_tf import metrics
 from qsmgan_tf import physics
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _NAMES = ("qsmgan", "tkd", "cfl2", "ilsqr", "medi", "tv")

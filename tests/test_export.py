@@ -14,7 +14,7 @@ from qsmgan_tf import exporting as export  # the library behind the binary
 from qsmgan_tf import inference
 from qsmgan_tf import networks
 from qsmgan_tf import refine
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 keras = pytest.importorskip("keras")
 

@@ -12,7 +12,7 @@ from qsmgan_tf import inference
 from qsmgan_tf import networks
 from qsmgan_tf import physics
 from qsmgan_tf import refine
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _TINY = networks.PRESETS["test_tiny"]  # 24^3 -> 16^3, crop margin 4, multiple 4
 _CONTRACT = {"generator": _TINY.to_dict(), "voxel_size_mm": [1.0, 1.0, 1.0],

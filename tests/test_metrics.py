@@ -7,7 +7,7 @@ import pytest
 import scipy.ndimage
 
 from qsmgan_tf import metrics
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _SHAPE = (24, 24, 24)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsmgan_tf import nifti_io
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 
 def _affine():

@@ -14,7 +14,7 @@ from data_prep import manifest as manifest_lib
 from data_prep import patches
 from data_prep import pipeline
 from qsmgan_tf import records
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _SPEC_ARGS = dict(val_fraction=0.25, snrs=[50.0, 100.0], b0_tilts_deg=[0.0, 15.0],

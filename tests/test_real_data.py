@@ -16,7 +16,7 @@ import pytest
 from qsmgan_tf import evaluation
 from qsmgan_tf import metrics
 from qsmgan_tf import physics
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _SCRIPT = _REPO / "benchmarks" / "real_data.py"

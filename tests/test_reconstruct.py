@@ -11,7 +11,7 @@ import qsmgan_tf
 from qsmgan_tf import classical
 from qsmgan_tf import physics
 from qsmgan_tf import reconstruct
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 _N = 16
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 from qsmgan_tf import exporting as export  # the library behind the binary
 from qsmgan_tf import networks
 from qsmgan_tf import serving
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 grpc = pytest.importorskip("grpc")
 prediction_service_pb2_grpc = pytest.importorskip(

@@ -19,7 +19,7 @@ from qsmgan_tf import distribute
 from qsmgan_tf import networks
 from qsmgan_tf import records
 from qsmgan_tf import training
-from qsmgan_tf.nifti_io import InputError
+from qsmgan_tf.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
