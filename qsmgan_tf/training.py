@@ -639,8 +639,10 @@ def _run_stage(stage, steps, offset, config, strategy, generator, gen_config, cr
                steps, offset, initial_epoch, epochs)
   context = _data_errors(config)
   with context:
+    # shuffle=False: the dataset shuffles itself (qsmgan_tf.data); Keras' default True is
+    # ignored for a tf.data.Dataset and only warns.
     model.fit(train_ds, steps_per_epoch=spe, epochs=epochs, initial_epoch=initial_epoch,
-              validation_data=val_ds, callbacks=callbacks,
+              validation_data=val_ds, callbacks=callbacks, shuffle=False,
               verbose=1 if chief and not config.quiet else 0)
   end = int(step_var.numpy())
   if control.bad_step is not None:
