@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import app
@@ -31,7 +30,7 @@ from qsmgan_tf import cli  # pylint: disable=wrong-import-position
 from qsmgan_tf import metrics  # pylint: disable=wrong-import-position
 from qsmgan_tf import nifti_io  # pylint: disable=wrong-import-position
 from qsmgan_tf.errors import InputError  # pylint: disable=wrong-import-position
-from validation_cases import CASES  # pylint: disable=wrong-import-position  # script's folder
+from validation_cases import CASES, ensure_phantom  # pylint: disable=wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", None, "QSMGAN SavedModel version folder (default: the "
                              "newest shipped one).")
@@ -44,11 +43,7 @@ _WORK_DIR = flags.DEFINE_string("work_dir", "runs/validation", "Where the valida
 
 
 def _subject(case: str):
-  folder = os.path.join(_WORK_DIR.value, "phantoms", case)
-  if not os.path.isdir(folder):
-    subprocess.run([sys.executable, "-m", "data_prep.make_phantom",
-                    f"--out_dir={os.path.dirname(folder)}", f"--subject_id={case}"]
-                   + CASES[case], check=True)
+  folder = ensure_phantom(_WORK_DIR.value, case)
   with open(os.path.join(folder, "subject.json"), encoding="utf-8") as f:
     meta = json.load(f)
   volumes = {name: nifti_io.load_volume(os.path.join(folder, f"{name}.nii.gz"), name)[0]

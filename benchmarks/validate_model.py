@@ -29,7 +29,7 @@ import time
 from absl import app
 from absl import flags
 
-from validation_cases import CASES  # benchmarks/ is the script's folder, so on sys.path
+from validation_cases import CASES, ensure_phantom  # the script's folder is on sys.path
 
 _MODEL = flags.DEFINE_string("model", None, "QSMGAN SavedModel version folder (default: the "
                              "newest under saved_models/qsmgan).")
@@ -70,14 +70,9 @@ def main(argv):
   unknown = sorted(set(cases) - set(CASES))
   if unknown:
     raise SystemExit(f"unknown cases {unknown}; expected some of {list(CASES)}")
-  phantoms = os.path.join(_WORK_DIR.value, "phantoms")
-  os.makedirs(phantoms, exist_ok=True)
   sections = []
   for case in cases:
-    subject = os.path.join(phantoms, case)
-    if not os.path.isdir(subject):
-      _run(["data_prep.make_phantom", f"--out_dir={phantoms}", f"--subject_id={case}"]
-           + CASES[case])
+    subject = ensure_phantom(_WORK_DIR.value, case)
     report = os.path.join(_WORK_DIR.value, "reports", case)
     args = ["qsmgan_tf.evaluate", f"--field={subject}/field.nii.gz",
             f"--mask={subject}/mask.nii.gz", f"--truth={subject}/chi.nii.gz",

@@ -199,7 +199,7 @@ class SavedModelArchive:
   def __init__(self, root, signatures: dict[str, Any]):
     self.root, self.signatures = root, signatures
 
-  def write_out(self, filepath, verbose: bool = False):  # pylint: disable=unused-argument
+  def write_out(self, filepath):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     tf.saved_model.save(self.root, str(filepath), signatures=self.signatures)
 

@@ -268,16 +268,12 @@ def edge_weights(chi_grid: np.ndarray, mask_grid: np.ndarray, voxel_size_mm: Seq
   components between two mask voxels are ranked and the rest (the step at the mask's edge) get
   0: the L1 term then does not see the map's level (`refine_cg`'s ``fit_level = 2``)."""
   from qsmgan_tf.classical import medi  # pylint: disable=import-outside-toplevel
-  if pairs is None:
-    if edge_fraction <= 0:
-      return np.ones((3,) + np.shape(chi_grid), np.float32)
-    return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction)
+  kept = np.float32(1.0) if pairs is None else pairs.astype(np.float32)
   if edge_fraction <= 0:
-    return pairs.astype(np.float32)
-  g = np.abs(operators.gradient(np.where(mask_grid, chi_grid, 0.0).astype(np.float32),
-                                voxel_size_mm))
-  thr = np.quantile(g[pairs > 0.5], 1.0 - edge_fraction)
-  return ((g <= thr) * pairs).astype(np.float32)
+    return np.broadcast_to(kept, (3,) + np.shape(chi_grid)).astype(np.float32)
+  ranked = None if pairs is None else pairs > 0.5
+  return medi.edge_mask(chi_grid, np.asarray(mask_grid, bool), voxel_size_mm, edge_fraction,
+                        ranked) * kept
 
 
 def interior_pairs(mask_grid: np.ndarray) -> np.ndarray:
@@ -1060,9 +1056,11 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   def forward_r(x_r):  # B on the residual's grid
     return tf.signal.irfft3d(tf.signal.rfft3d(m_r * x_r) * kernel_r, fft_length=grid_r) * weight_r
 
-  # The level's field of the residual's grid on both grids, as `refine_cg`.
-  project_r = projection(weight_r, lambda: forward_r(m_r))
-  project = projection(weight, lambda: from_residual_grid(forward_r(m_r)))
+  # The level's field of the residual's grid on both grids, as `refine_cg`: one product, and
+  # none without fit_level (its column is dropped then).
+  level_r = tf.cond(fit_level, lambda: forward_r(m_r), lambda: tf.zeros_like(m_r))
+  project_r = projection(weight_r, lambda: level_r)
+  project = projection(weight, lambda: from_residual_grid(level_r))
 
   def projected_residual(x):  # P (W field - B x) on the residual's grid
     return project_r(weighted_field_r - forward_r(to_residual_grid(x)))

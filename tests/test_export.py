@@ -275,7 +275,7 @@ class _FakeArchive:
   def __init__(self, base, fail=False):
     self.base, self.fail, self.written = base, fail, None
 
-  def write_out(self, filepath, verbose=True):  # pylint: disable=unused-argument
+  def write_out(self, filepath):
     filepath = pathlib.Path(filepath)
     filepath.mkdir()
     (filepath / "saved_model.pb").write_bytes(b"partial")

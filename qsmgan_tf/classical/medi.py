@@ -45,11 +45,13 @@ NRMSE 11.8 % instead of 10.2 %)."""
 
 
 def edge_mask(magnitude: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float],
-              edge_fraction: float) -> np.ndarray:
-  """M_G: float32 [3, ...], 0 on the top ``edge_fraction`` of magnitude gradient components."""
+              edge_fraction: float, ranked: np.ndarray | None = None) -> np.ndarray:
+  """M_G: float32 [3, ...], 0 on the top ``edge_fraction`` of magnitude gradient components;
+  ``ranked`` (bool [3, ...]): the components the fraction counts among (default: those of the
+  mask's voxels)."""
   mag = np.where(mask, magnitude, 0.0).astype(np.float32)
   g = np.abs(operators.gradient(mag, voxel_size_mm))
-  inside = np.broadcast_to(mask, g.shape)
+  inside = np.broadcast_to(mask, g.shape) if ranked is None else ranked
   thr = np.quantile(g[inside], 1.0 - edge_fraction)
   return (g <= thr).astype(np.float32)
 
