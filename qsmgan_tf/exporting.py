@@ -124,6 +124,7 @@ def patch_sizes(contract: dict[str, Any]) -> tuple[int, int]:
   Raises:
     InputError: the contract describes no generator.
   """
+  # Not at the top: inference loads TensorFlow and imports this module.
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   geometry = inference.network_geometry(contract)
   return geometry["input_patch"], geometry["output_patch"]
@@ -164,6 +165,7 @@ def serving_contract(contract: dict[str, Any], **export_info) -> dict[str, Any]:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   import qsmgan_tf  # pylint: disable=import-outside-toplevel
+  # Not at the top: inference loads TensorFlow and imports this module.
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
@@ -236,6 +238,7 @@ def build_archive(generator, contract: dict[str, Any], asset_dir,
 
   functions = {SERVING_DEFAULT: serving_default}
   if volume_signatures:
+    # Not at the top: inference loads TensorFlow and imports this module.
     from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
     functions.update({
         PREDICT_VOLUME: inference.make_predict_volume_fn(generator, contract),
@@ -354,6 +357,7 @@ def _float32_generator_with(weights: dict[str, Any], contract: dict[str, Any], s
   """
   import keras  # pylint: disable=import-outside-toplevel
 
+  # Not at the top: inference loads TensorFlow and imports this module.
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
   previous = keras.config.dtype_policy()
@@ -422,6 +426,7 @@ def _with_inference(contract: dict[str, Any], inference_params: dict[str, Any] |
   Raises:
     InputError: a value out of range (`inference.tiling_params`).
   """
+  # Not at the top: inference loads TensorFlow and imports this module.
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   if inference_params:
     contract["inference"] = {**(contract.get("inference") or {}), **inference_params}

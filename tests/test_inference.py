@@ -13,6 +13,9 @@ from qsmgan_tf import networks
 from qsmgan_tf import physics
 from qsmgan_tf import refine
 from qsmgan_tf.errors import InputError
+from qsmgan_tf.inference import backends
+from qsmgan_tf.inference import graph
+from qsmgan_tf.inference import window
 
 _TINY = networks.PRESETS["test_tiny"]  # 24^3 -> 16^3, crop margin 4, multiple 4
 _CONTRACT = {"generator": _TINY.to_dict(), "voxel_size_mm": [1.0, 1.0, 1.0],
@@ -196,8 +199,8 @@ def test_tiling_params_from_the_contract():
 def test_importance_map_in_the_graph_equals_numpy():
   for mode in inference.BLEND_MODES:
     # pylint: disable=protected-access
-    profiles = inference._importance_profiles((16, 12, 8), mode, 0.125)
-    w = inference._importance_map_tf(profiles, [16, 12, 8]).numpy()
+    profiles = window._importance_profiles((16, 12, 8), mode, 0.125)
+    w = graph._importance_map_tf(profiles, [16, 12, 8]).numpy()
     np.testing.assert_allclose(w, inference.importance_map((16, 12, 8), mode), rtol=1e-6)
 
 
@@ -473,7 +476,7 @@ def test_saved_model_gives_the_local_numbers(tmp_path, tiny):
 
 
 def test_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
-  monkeypatch.setattr(inference, "_repo_root", lambda: tmp_path)
+  monkeypatch.setattr(backends, "_repo_root", lambda: tmp_path)  # where default_model_path looks
   _, field, mask = _phantom((20, 20, 20))
   with pytest.raises(InputError, match="no QSMGAN model found.*export"):
     inference.reconstruct_qsmgan(field, mask)
