@@ -38,7 +38,7 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                                             "margin", "edges", "correction", "correction2",
                                             "v3", "offset", "offset2", "noise",
                                             "noise2", "background", "background2",
-                                            "erosion", "lcurve"],
+                                            "erosion", "lcurve", "robust"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -55,7 +55,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "data term by SMV (smv_radius_mm) around version 4's contract, "
                           "'background2' fits it on the noise-scaled version 4; 'erosion' "
                           "leaves the mask's outer rim out of the data term (data_erosion_mm); "
-                          "'lcurve' chooses the L1 weight per scan (lcurve_stages).")
+                          "'lcurve' chooses the L1 weight per scan (lcurve_stages); 'robust' "
+                          "adds a Huber-weighted second solve to version 7 (robust_data).")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -169,13 +170,18 @@ EROSION_SETTINGS = ([_V4] + [{**_V4, "data_erosion_mm": r} for r in (1.5, 2.0, 2
 # stages of 10x while the curve is steep, at two thresholds of the slope.
 _LCURVE = {**_V4, "lcurve_stages": 2, "lcurve_factor": 10.0, "lcurve_reweights": 3}
 LCURVE_SETTINGS = [{**_LCURVE, "lcurve_slope": slope} for slope in (0.3, 0.5)]
+# Version 7's contract, then its solve repeated with Huber weights on the first solve's data
+# residual (robust_data: the threshold in robust deviations of the residual).
+_V7 = {**_LCURVE, "lcurve_slope": 0.3, "fine_shrinkage": 1}
+ROBUST_SETTINGS = [_V7] + [{**_V7, "robust_data": c} for c in (2.0, 3.0, 4.0)]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
                   "offset": OFFSET_SETTINGS, "offset2": OFFSET2_SETTINGS,
                   "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS,
                   "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS,
-                  "erosion": EROSION_SETTINGS, "lcurve": LCURVE_SETTINGS}
+                  "erosion": EROSION_SETTINGS, "lcurve": LCURVE_SETTINGS,
+                  "robust": ROBUST_SETTINGS}
 
 
 def main(argv):

@@ -128,6 +128,18 @@ that is not noise, ``1 - P_noise / P_field`` (`fine_shrinkage`; the noise from
 `field_noise_ppm`), after the solve and the L-curve: per scan, from the field alone. The gains
 are recorded in the sidecar (`shrinkage_info`).
 
+A least-squares data term trusts every voxel's field as much as its noise allows, so the few
+voxels whose field the dipole model cannot explain at all (vessels with flow, unwrapping errors,
+the remnants of background removal at the mask's edge) pull chi quadratically in their misfit
+and spread into it as streaks and blobs. ``robust_data = c > 0`` makes the data term Huber's
+loss, as robust QSM fidelities do (nonlinear MEDI's and WH-QSM's L1-like data terms), by one
+reweighted step (IRLS): after the solve (and the L-curve), each voxel's projected, weighted
+residual ``r`` gives it the weight ``min(1, c s / |r|)``, ``s = 1.4826 median |r|`` over the mask
+(`robust_weights`), and the whole solve runs again from ``chi_net`` with the data weight
+multiplied by it. Voxels within ``c`` robust deviations keep weight 1; beyond, their pull grows
+linearly. On a field without such outliers it still takes weight from residual the prior
+left, a small cost (tests/test_refine.py).
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run
@@ -154,7 +166,7 @@ DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
             "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
             "smv_radius_mm": 0.0, "data_erosion_mm": 0.0, "lcurve_stages": 0,
             "lcurve_factor": 4.0, "lcurve_slope": 0.5, "lcurve_reweights": 2,
-            "fine_shrinkage": 0, "fit_level": 0}
+            "fine_shrinkage": 0, "fit_level": 0, "robust_data": 0.0}
 """Refinement defaults of the library (a model's contract overrides them as
 ``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
 phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
@@ -166,7 +178,8 @@ phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study
 edge out of the data term; ``lcurve_stages > 0`` raises the L1 weight per scan while the
 L-curve is steep; ``fine_shrinkage = 1`` weighs the solve's correction per band of k by the
 field's own signal-to-noise (`fine_shrinkage`); ``fit_level`` 1 or 2 leaves chi's uniform
-level to the network (the data term does not see it; with 2, nor the L1 term)."""
+level to the network (the data term does not see it; with 2, nor the L1 term);
+``robust_data > 0`` solves again with Huber weights on the first solve's data residual."""
 
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
@@ -216,6 +229,7 @@ def resolve_params(contract: dict | None = None, **overrides) -> dict:
     raise ValueError(f"refinement parameter fit_offset: {out['fit_offset']} is not in "
                      f"0..{MAX_FIT_OFFSET}")
   for key, ok, rule in (("data_erosion_mm", out["data_erosion_mm"] >= 0, ">= 0"),
+                        ("robust_data", out["robust_data"] >= 0, ">= 0"),
                         ("lcurve_stages", out["lcurve_stages"] >= 0, ">= 0"),
                         ("lcurve_factor", out["lcurve_factor"] > 1, "> 1"),
                         ("lcurve_reweights", out["lcurve_reweights"] >= 1, ">= 1")):
@@ -498,6 +512,25 @@ def _lcurve_continuation(x, tv_weight, solve, point, stages, factor, slope_min):
   return x, tv_weight, slopes
 
 
+def robust_weights(residual: np.ndarray, inside: np.ndarray, threshold: float) -> np.ndarray:
+  """Huber's IRLS weights of a data residual: ``min(1, threshold * s / |r|)`` inside, 0 outside.
+
+  ``s = 1.4826 * median |r|`` over ``inside`` is the residual's robust standard deviation (the
+  solve fits a constant offset or the residual's mean is small, so the median of |r| about 0
+  serves). With these weights the least-squares data term becomes Huber's loss at
+  ``threshold * s``: voxels whose residual is that many deviations off (vessels, remnants at
+  the mask's edge, the model errors the dipole model cannot explain) pull chi linearly, not
+  quadratically. An exact fit (s = 0) gives weight 1 everywhere inside.
+  """
+  inside = np.asarray(inside) > 0.5
+  magnitude = np.abs(residual).astype(np.float64)
+  scale = float(np.median(magnitude[inside])) / _MAD_TO_STD if inside.any() else 0.0
+  if not scale > 0:
+    return inside.astype(np.float32)
+  w = np.minimum(1.0, threshold * scale / np.maximum(magnitude, np.finfo(np.float64).tiny))
+  return np.where(inside, w, 0.0).astype(np.float32)
+
+
 def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
               b0_dir: Sequence[float] = (0.0, 0.0, 1.0), mu: float = DEFAULTS["mu"],
@@ -520,6 +553,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               lcurve_reweights: int = DEFAULTS["lcurve_reweights"],
               fine_shrinkage: int = DEFAULTS["fine_shrinkage"],
               fit_level: int = DEFAULTS["fit_level"],
+              robust_data: float = DEFAULTS["robust_data"],
               magnitude: np.ndarray | None = None, return_weight: bool = False):
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -570,6 +604,9 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       docstring); 0 = the L1 weight as given. Needs ``tv_weight > 0``.
     lcurve_factor, lcurve_slope, lcurve_reweights: the stages' weight factor, the smallest
       slope kept and the reweighting steps of each stage (each from ``chi_net``).
+    robust_data: > 0 = after the solve (and the L-curve), weight each voxel's data term by
+      Huber's `robust_weights` of its residual at this many robust standard deviations and
+      solve again, the L-curve included, from ``chi_net`` (module docstring); 0 = one solve.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
     return_weight: also return the L1 weight used (after the noise scale and the L-curve).
 
@@ -607,35 +644,14 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   def from_residual_grid(v):
     return physics.pad_to(physics.crop_from(v, grid.inner_shape), grid.shape)
 
-  weight_r = to_residual_grid(weight) if corrected else weight
   kernel_r, _, high_pass_r = _smv_data(grid_r, smv_radius_mm) if corrected else (
       kernel, None, high_pass)
-  # The level's field is the residual grid's on both grids: the small grid's own (its
-  # periodic images are close) would leave the CG steps a near-null direction that the
-  # residual's grid does not have, and defect correction diverges along it.
-  level_r = (_level_field(grid_r, weight_r, kernel_r) if int(fit_level) > 0 else None)
-  level = (from_residual_grid(level_r) if corrected and level_r is not None else level_r)
-  forward, adjoint, project = _weighted_operator(grid, weight, fit_offset, kernel, level)
-  forward_r, adjoint_r, project_r = (
-      _weighted_operator(grid_r, weight_r, fit_offset, kernel_r, level_r) if corrected
-      else (forward, adjoint, project))
   f_r = to_residual_grid(f) if corrected else f
   if high_pass_r is not None:  # the SMV-filtered field, on the residual's grid
     f_r = physics.apply_kernel(f_r, high_pass_r).astype(np.float32)
-  weighted_field_r = weight_r * f_r
-
-  def misfit(x):  # ||P (W field - B x)|| on the residual's grid: the L-curve's residual
-    y = project_r(weighted_field_r - forward_r(to_residual_grid(x.astype(np.float32))))
-    return float(np.sqrt(np.sum(np.square(y, dtype=np.float64))))
-
-  def data_residual(x):  # A^T (W field - A x) on the residual's grid
-    x_r = to_residual_grid(x.astype(np.float32))
-    return from_residual_grid(adjoint_r(weighted_field_r - forward_r(x_r))).astype(np.float64)
-
   # The magnitude's edges do not change between steps: sorted once.
   mag_edges = (edge_weights(mag, grid.mask, vs, magnitude_edge_fraction)
                if use_tv and mag is not None and magnitude_edge_fraction > 0 else 1.0)
-
   # fit_level 2: the L1 term leaves the step at the mask's edge (the map's level) alone too.
   pairs = interior_pairs(grid.mask) if use_tv and int(fit_level) > 1 else None
 
@@ -644,60 +660,91 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
 
   edges0 = edge_mask(x0) if use_tv else None
 
-  def solve(x, tv_weight, steps):
-    """``steps`` reweighting steps from ``x`` (the edges refreshed after the first)."""
-    for step in range(steps):
-      x = step_from(x, tv_weight, step)
-    return x
+  def solve_weighted(weight):
+    """The whole solve (and the L-curve) with data weight ``weight``: ``(x, tv_weight, r)``,
+    ``r`` the map's projected, weighted data residual on the CG grid."""
+    weight_r = to_residual_grid(weight) if corrected else weight
+    # The level's field is the residual grid's on both grids: the small grid's own (its
+    # periodic images are close) would leave the CG steps a near-null direction that the
+    # residual's grid does not have, and defect correction diverges along it.
+    level_r = (_level_field(grid_r, weight_r, kernel_r) if int(fit_level) > 0 else None)
+    level = (from_residual_grid(level_r) if corrected and level_r is not None else level_r)
+    forward, adjoint, project = _weighted_operator(grid, weight, fit_offset, kernel, level)
+    forward_r, adjoint_r, project_r = (
+        _weighted_operator(grid_r, weight_r, fit_offset, kernel_r, level_r) if corrected
+        else (forward, adjoint, project))
+    weighted_field_r = weight_r * f_r
 
-  def step_from(x, tv_weight, step):
-    edges = edges0
-    if use_tv:
-      if step > 0 and edge_refresh:
-        edges = edge_mask(x)
-      gx = edges * operators.gradient(x.astype(np.float32), vs)
-      v = edges / np.sqrt(gx * gx + np.float32(tv_eps))
+    def residual(x):  # P (W field - B x) on the residual's grid
+      return project_r(weighted_field_r - forward_r(to_residual_grid(x.astype(np.float32))))
 
-    def tv_term(y, v=v if use_tv else None):
-      if v is None:
-        return 0.0
-      yy = (m * y).astype(np.float32)
-      return tv_weight * (m * -operators.divergence(v * operators.gradient(yy, vs), vs))
+    def misfit(x):  # ||P (W field - B x)||: the L-curve's residual
+      return float(np.sqrt(np.sum(np.square(residual(x), dtype=np.float64))))
 
-    def normal(y):
-      return adjoint(forward(y)).astype(np.float64) + mu * y + tv_term(y)
+    def data_residual(x):  # A^T (W field - A x) on the residual's grid
+      x_r = to_residual_grid(x.astype(np.float32))
+      return from_residual_grid(adjoint_r(weighted_field_r - forward_r(x_r))).astype(np.float64)
 
-    # CG for the step delta (started at 0): normal(delta) = rhs - normal(x), whose data part
-    # comes from the residual's grid (defect correction when that is the larger one).
-    r = data_residual(x) + mu * (x0 - x) - tv_term(x)
-    delta = np.zeros_like(x)
-    p = r.copy()
-    rs = float(np.vdot(r, r))
-    for _ in range(int(iterations)):
-      if rs <= 0.0:
-        break
-      ap = normal(p)
-      alpha = rs / float(np.vdot(p, ap))
-      delta += alpha * p
-      r -= alpha * ap
-      rs_new = float(np.vdot(r, r))
-      p = r + (rs_new / rs) * p
-      rs = rs_new
-    return x + delta
+    def solve(x, tv_weight, steps):
+      """``steps`` reweighting steps from ``x`` (the edges refreshed after the first)."""
+      for step in range(steps):
+        x = step_from(x, tv_weight, step)
+      return x
 
-  steps = max(int(reweights), 1) if use_tv or corrected else 1
-  x = solve(x0.copy(), tv_weight, steps)
-  if use_tv and int(lcurve_stages) > 0:
-    stage_steps = max(int(lcurve_reweights), 1)
-    x, tv_weight, _ = _lcurve_continuation(
-        x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
-        lambda x: _lcurve_point(misfit(x), x, m, vs, pairs), lcurve_stages, lcurve_factor,
-        lcurve_slope)
+    def step_from(x, tv_weight, step):
+      edges = edges0
+      if use_tv:
+        if step > 0 and edge_refresh:
+          edges = edge_mask(x)
+        gx = edges * operators.gradient(x.astype(np.float32), vs)
+        v = edges / np.sqrt(gx * gx + np.float32(tv_eps))
+
+      def tv_term(y, v=v if use_tv else None):
+        if v is None:
+          return 0.0
+        yy = (m * y).astype(np.float32)
+        return tv_weight * (m * -operators.divergence(v * operators.gradient(yy, vs), vs))
+
+      def normal(y):
+        return adjoint(forward(y)).astype(np.float64) + mu * y + tv_term(y)
+
+      # CG for the step delta (started at 0): normal(delta) = rhs - normal(x), whose data part
+      # comes from the residual's grid (defect correction when that is the larger one).
+      r = data_residual(x) + mu * (x0 - x) - tv_term(x)
+      delta = np.zeros_like(x)
+      p = r.copy()
+      rs = float(np.vdot(r, r))
+      for _ in range(int(iterations)):
+        if rs <= 0.0:
+          break
+        ap = normal(p)
+        alpha = rs / float(np.vdot(p, ap))
+        delta += alpha * p
+        r -= alpha * ap
+        rs_new = float(np.vdot(r, r))
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+      return x + delta
+
+    steps = max(int(reweights), 1) if use_tv or corrected else 1
+    x = solve(x0.copy(), tv_weight, steps)
+    tv_weight_used = tv_weight
+    if use_tv and int(lcurve_stages) > 0:
+      stage_steps = max(int(lcurve_reweights), 1)
+      x, tv_weight_used, _ = _lcurve_continuation(
+          x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
+          lambda x: _lcurve_point(misfit(x), x, m, vs, pairs), lcurve_stages, lcurve_factor,
+          lcurve_slope)
+    return x, tv_weight_used, from_residual_grid(residual(x))
+
+  x, tv_weight_used, r = solve_weighted(weight)
+  if robust_data > 0:
+    x, tv_weight_used, _ = solve_weighted(weight * robust_weights(r, grid.mask, robust_data))
   chi = grid.from_grid(x.astype(np.float32), mask)
   if int(fine_shrinkage) > 0:
     chi, _ = shrinkage_lib.shrink(chi, np.where(mask, chi_net, 0.0), field_ppm, mask,
                                   voxel_size_mm, b0_dir, field_noise_ppm(field_ppm, mask))
-  return (chi, float(tv_weight)) if return_weight else chi
+  return (chi, float(tv_weight_used)) if return_weight else chi
 
 
 def refine_closed_form(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
@@ -854,6 +901,18 @@ def _padded_laplacian_tf(volume):
   return lap[1:-1, 1:-1, 1:-1]
 
 
+def _median_tf(values):
+  """The median of non-negative float32 ``values`` (exact, `_order_statistics_tf`); 0 if empty."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  n = tf.size(values)
+
+  def median():
+    v_lo, v_hi = _order_statistics_tf(values, (n - 1) // 2)
+    return tf.where(n % 2 == 1, v_lo, 0.5 * (v_lo + v_hi))
+
+  return tf.cond(n > 0, median, lambda: tf.constant(0.0))
+
+
 def field_noise_tf(field_ppm, mask):
   """`field_noise_ppm` in TensorFlow: the exact median by `_order_statistics_tf`; scalar."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -861,14 +920,18 @@ def field_noise_tf(field_ppm, mask):
   inner = tf.logical_and(_padded_laplacian_tf(m) > -0.5, m > 0.5)
   lap = _padded_laplacian_tf(tf.cast(field_ppm, tf.float32) * m)
   values = tf.abs(tf.boolean_mask(lap, inner))
-  n = tf.size(values)
+  return _median_tf(values) / float(_MAD_TO_STD * _LAPLACIAN_NOISE_GAIN)
 
-  def median():
-    v_lo, v_hi = _order_statistics_tf(values, (n - 1) // 2)
-    return tf.where(n % 2 == 1, v_lo, 0.5 * (v_lo + v_hi))
 
-  value = tf.cond(n > 0, median, lambda: tf.constant(0.0))
-  return value / float(_MAD_TO_STD * _LAPLACIAN_NOISE_GAIN)
+def robust_weights_tf(residual, m, threshold):
+  """`robust_weights` in TensorFlow (the exact median by `_order_statistics_tf`); ``m`` 0/1."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  magnitude = tf.abs(residual)
+  values = tf.boolean_mask(magnitude, m > 0.5)
+  scale = _median_tf(values) / float(_MAD_TO_STD)
+  w = tf.minimum(1.0, tf.math.divide_no_nan(threshold * scale, magnitude))
+  w = tf.where(magnitude > 0, w, 1.0)
+  return tf.where(scale > 0, w, 1.0) * m
 
 
 def regularisation_scale_tf(field_ppm, mask, noise_reference_ppm):
@@ -895,7 +958,7 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               lcurve_slope=DEFAULTS["lcurve_slope"],
               lcurve_reweights=DEFAULTS["lcurve_reweights"],
               fine_shrinkage=DEFAULTS["fine_shrinkage"], fit_level=DEFAULTS["fit_level"],
-              magnitude=None, return_weight=False):
+              robust_data=DEFAULTS["robust_data"], magnitude=None, return_weight=False):
   """CG data-consistency refinement in TensorFlow; same maths and defaults as `refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
@@ -925,6 +988,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     fine_shrinkage: 1 = weigh the correction per band of k (`fine_shrinkage.shrink_tf`); scalar.
     fit_level: 1 = the data term does not see chi's uniform level, 2 = nor the L1 term
       (`refine_cg`); scalar.
+    robust_data: > 0 = a second solve with Huber weights at this many robust deviations of the
+      first solve's data residual (`refine_cg`, `robust_weights_tf`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
     return_weight: also return the L1 weight used (after the noise scale and the L-curve).
@@ -1032,43 +1097,18 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
                                       tf.cast(tf.linalg.matvec(q, coefficients), tf.float32))
     return lambda y: tf.cond(fitted_any, lambda: fitted(y), lambda: y)
 
-  def forward(x):  # B x = W D (M x); A = P B, P applied once, in A^T (`_weighted_operator`)
-    return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight
-
-  def adjoint(y):  # A^T y = M D (W P y)
-    return tf.signal.irfft3d(tf.signal.rfft3d(weight * project(y)) * kernel,
-                             fft_length=grid) * m
-
   def to_residual_grid(v):
     return physics_tf.pad_to(physics_tf.crop_from(v, size), grid_r)
 
   def from_residual_grid(v):
     return physics_tf.pad_to(physics_tf.crop_from(v, size), grid)
 
-  m_r, weight_r = to_residual_grid(m), to_residual_grid(weight)
+  m_r = to_residual_grid(m)
   field_r = to_residual_grid(to_grid(field_ppm))
   # The SMV-filtered field on the residual's grid (as `refine_cg`).
   field_r = tf.cond(use_smv, lambda: tf.signal.irfft3d(
       tf.signal.rfft3d(field_r) * tf.cast(high_pass(grid_r), tf.complex64), fft_length=grid_r),
                     lambda: field_r)
-  weighted_field_r = weight_r * field_r
-
-  def forward_r(x_r):  # B on the residual's grid
-    return tf.signal.irfft3d(tf.signal.rfft3d(m_r * x_r) * kernel_r, fft_length=grid_r) * weight_r
-
-  # The level's field of the residual's grid on both grids, as `refine_cg`: one product, and
-  # none without fit_level (its column is dropped then).
-  level_r = tf.cond(fit_level, lambda: forward_r(m_r), lambda: tf.zeros_like(m_r))
-  project_r = projection(weight_r, lambda: level_r)
-  project = projection(weight, lambda: from_residual_grid(level_r))
-
-  def projected_residual(x):  # P (W field - B x) on the residual's grid
-    return project_r(weighted_field_r - forward_r(to_residual_grid(x)))
-
-  def data_residual(x):  # A^T (P W field - A x) on the residual's grid, as `refine_cg`
-    return from_residual_grid(tf.signal.irfft3d(
-        tf.signal.rfft3d(weight_r * projected_residual(x)) * kernel_r, fft_length=grid_r) * m_r)
-
   x0 = to_grid(chi_net)
 
   edge_refresh = tf.cast(edge_refresh, tf.int32) > 0
@@ -1090,88 +1130,135 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
 
   # M_G is only needed with the L1 term; tf.cond skips the sorts otherwise.
   edges0 = tf.cond(use_tv, lambda: edge_mask(x0), lambda: no_edges)
-
-  def outer_body(k, x, tv_weight):
-    edges = tf.cond(tf.logical_and(use_tv, tf.logical_and(edge_refresh, k > 0)),
-                    lambda: edge_mask(x), lambda: edges0)
-
-    def lagged_weights():
-      gx = edges * _gradient_tf(x, voxel_size_mm)
-      return edges * tf.math.rsqrt(gx * gx + tv_eps)
-
-    # tv_weight * V / d^2 per axis, folded once per step: the CG steps' L1 term is then
-    # sum_a roll(g_a, 1, a) - g_a, g_a = w_a (roll(y, -1, a) - y): -div(V grad y) in 6 ops an
-    # axis (it costs a third of a CG step, as much as an FFT pair).
-    inv_sq = tv_weight / tf.square(voxel_size_mm)
-    w = tf.cond(use_tv, lagged_weights, lambda: edges) * inv_sq[:, None, None, None]
-
-    def tv_term(y):
-      def value():
-        ym = m * y
-        out = tf.zeros_like(y)
-        for axis in range(3):
-          g = w[axis] * (tf.roll(ym, -1, axis) - ym)
-          out += tf.roll(g, 1, axis) - g
-        return m * out
-      return tf.cond(use_tv, value, lambda: tf.zeros_like(y))
-
-    def normal(y):
-      return adjoint(forward(y)) + mu * y + tv_term(y)
-
-    # CG for the step delta (started at 0): normal(delta) = rhs - normal(x), whose data part
-    # comes from the residual's grid (defect correction when that is the larger one).
-    r = data_residual(x) + mu * (x0 - x) - tv_term(x)
-
-    def body(i, delta, r, p, rs):
-      ap = normal(p)
-      alpha = tf.math.divide_no_nan(rs, dot(p, ap))
-      delta = delta + alpha * p
-      r = r - alpha * ap
-      rs_new = dot(r, r)
-      p = r + tf.math.divide_no_nan(rs_new, rs) * p
-      return i + 1, delta, r, p, rs_new
-
-    _, delta, _, _, _ = tf.while_loop(
-        lambda i, *_: i < iterations, body,
-        (tf.constant(0), tf.zeros_like(x), r, r, dot(r, r)))
-    return k + 1, x + delta
-
-  def solve(x, tv_weight, steps):  # `refine_cg`'s solve: steps from x
-    _, x = tf.while_loop(lambda k, _: k < steps, lambda k, x: outer_body(k, x, tv_weight),
-                         (tf.constant(0), x))
-    return x
-
-  def misfit(x):  # the L-curve's residual, as `refine_cg`
-    r = projected_residual(x)
-    return tf.sqrt(dot(r, r))
-
-  def point(x):  # `_lcurve_point`
-    g = _gradient_tf(m * x, voxel_size_mm)
-    g = tf.where(level_edges, g * pairs, g)
-    tv = tf.boolean_mask(tf.sqrt(tf.reduce_sum(g * g, axis=0)), m > 0.5)
-    return misfit(x), tf.reduce_mean(tv)
-
-  x = solve(x0, tv_weight, outer)
   stage_steps = tf.maximum(tf.cast(lcurve_reweights, tf.int32), 1)
   stages = tf.where(use_tv, tf.cast(lcurve_stages, tf.int32), 0)
   factor = tf.cast(lcurve_factor, tf.float32)
   slope_min = tf.cast(lcurve_slope, tf.float32)
 
-  def stage_body(stage, x, tv_weight, misfit_x, tv_x, done):  # `_lcurve_continuation`
-    x_next = solve(x0, tv_weight * factor, stage_steps)
-    misfit_next, tv_next = point(x_next)
-    rise = tf.math.log(misfit_next / misfit_x)
-    ok = tf.logical_and(rise > 0, tf.logical_and(tv_x > 0, tv_next > 0))
-    slope = tf.where(ok, -tf.math.log(tv_next / tv_x) / tf.where(ok, rise, 1.0), 0.0)
-    keep = slope >= slope_min
-    return (stage + 1, tf.where(keep, x_next, x), tf.where(keep, tv_weight * factor, tv_weight),
-            tf.where(keep, misfit_next, misfit_x), tf.where(keep, tv_next, tv_x),
-            tf.logical_not(keep))
+  def solve_weighted(weight, reweigh):  # `refine_cg`'s, and the next pass's data weight
+    def forward(x):  # B x = W D (M x); A = P B, P applied once, in A^T (`_weighted_operator`)
+      return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight
 
-  start = tf.cond(stages > 0, lambda: point(x), lambda: (tf.constant(0.0), tf.constant(0.0)))
-  _, x, tv_weight, _, _, _ = tf.while_loop(
-      lambda stage, *rest: tf.logical_and(stage <= stages, tf.logical_not(rest[-1])),
-      stage_body, (tf.constant(1), x, tv_weight, start[0], start[1], tf.constant(False)))
+    def adjoint(y):  # A^T y = M D (W P y)
+      return tf.signal.irfft3d(tf.signal.rfft3d(weight * project(y)) * kernel,
+                               fft_length=grid) * m
+
+    weight_r = to_residual_grid(weight)
+    weighted_field_r = weight_r * field_r
+
+    def forward_r(x_r):  # B on the residual's grid
+      return tf.signal.irfft3d(tf.signal.rfft3d(m_r * x_r) * kernel_r,
+                               fft_length=grid_r) * weight_r
+
+    # The level's field of the residual's grid on both grids, as `refine_cg`: one product, and
+    # none without fit_level (its column is dropped then).
+    level_r = tf.cond(fit_level, lambda: forward_r(m_r), lambda: tf.zeros_like(m_r))
+    project_r = projection(weight_r, lambda: level_r)
+    project = projection(weight, lambda: from_residual_grid(level_r))
+
+    def projected_residual(x):  # P (W field - B x) on the residual's grid
+      return project_r(weighted_field_r - forward_r(to_residual_grid(x)))
+
+    def data_residual(x):  # A^T (P W field - A x) on the residual's grid, as `refine_cg`
+      return from_residual_grid(tf.signal.irfft3d(
+          tf.signal.rfft3d(weight_r * projected_residual(x)) * kernel_r,
+          fft_length=grid_r) * m_r)
+
+    def outer_body(k, x, tv_weight):
+      edges = tf.cond(tf.logical_and(use_tv, tf.logical_and(edge_refresh, k > 0)),
+                      lambda: edge_mask(x), lambda: edges0)
+
+      def lagged_weights():
+        gx = edges * _gradient_tf(x, voxel_size_mm)
+        return edges * tf.math.rsqrt(gx * gx + tv_eps)
+
+      # tv_weight * V / d^2 per axis, folded once per step: the CG steps' L1 term is then
+      # sum_a roll(g_a, 1, a) - g_a, g_a = w_a (roll(y, -1, a) - y): -div(V grad y) in 6 ops an
+      # axis (it costs a third of a CG step, as much as an FFT pair).
+      inv_sq = tv_weight / tf.square(voxel_size_mm)
+      w = tf.cond(use_tv, lagged_weights, lambda: edges) * inv_sq[:, None, None, None]
+
+      def tv_term(y):
+        def value():
+          ym = m * y
+          out = tf.zeros_like(y)
+          for axis in range(3):
+            g = w[axis] * (tf.roll(ym, -1, axis) - ym)
+            out += tf.roll(g, 1, axis) - g
+          return m * out
+        return tf.cond(use_tv, value, lambda: tf.zeros_like(y))
+
+      def normal(y):
+        return adjoint(forward(y)) + mu * y + tv_term(y)
+
+      # CG for the step delta (started at 0): normal(delta) = rhs - normal(x), whose data part
+      # comes from the residual's grid (defect correction when that is the larger one).
+      r = data_residual(x) + mu * (x0 - x) - tv_term(x)
+
+      def body(i, delta, r, p, rs):
+        ap = normal(p)
+        alpha = tf.math.divide_no_nan(rs, dot(p, ap))
+        delta = delta + alpha * p
+        r = r - alpha * ap
+        rs_new = dot(r, r)
+        p = r + tf.math.divide_no_nan(rs_new, rs) * p
+        return i + 1, delta, r, p, rs_new
+
+      _, delta, _, _, _ = tf.while_loop(
+          lambda i, *_: i < iterations, body,
+          (tf.constant(0), tf.zeros_like(x), r, r, dot(r, r)))
+      return k + 1, x + delta
+
+    def solve(x, tv_weight, steps):  # `refine_cg`'s solve: steps from x
+      _, x = tf.while_loop(lambda k, _: k < steps, lambda k, x: outer_body(k, x, tv_weight),
+                           (tf.constant(0), x))
+      return x
+
+    def misfit(x):  # the L-curve's residual, as `refine_cg`
+      r = projected_residual(x)
+      return tf.sqrt(dot(r, r))
+
+    def point(x):  # `_lcurve_point`
+      g = _gradient_tf(m * x, voxel_size_mm)
+      g = tf.where(level_edges, g * pairs, g)
+      tv = tf.boolean_mask(tf.sqrt(tf.reduce_sum(g * g, axis=0)), m > 0.5)
+      return misfit(x), tf.reduce_mean(tv)
+
+    x = solve(x0, tv_weight, outer)
+
+    def stage_body(stage, x, tv_weight, misfit_x, tv_x, done):  # `_lcurve_continuation`
+      x_next = solve(x0, tv_weight * factor, stage_steps)
+      misfit_next, tv_next = point(x_next)
+      rise = tf.math.log(misfit_next / misfit_x)
+      ok = tf.logical_and(rise > 0, tf.logical_and(tv_x > 0, tv_next > 0))
+      slope = tf.where(ok, -tf.math.log(tv_next / tv_x) / tf.where(ok, rise, 1.0), 0.0)
+      keep = slope >= slope_min
+      return (stage + 1, tf.where(keep, x_next, x),
+              tf.where(keep, tv_weight * factor, tv_weight),
+              tf.where(keep, misfit_next, misfit_x), tf.where(keep, tv_next, tv_x),
+              tf.logical_not(keep))
+
+    start = tf.cond(stages > 0, lambda: point(x), lambda: (tf.constant(0.0), tf.constant(0.0)))
+    _, x, used, _, _, _ = tf.while_loop(
+        lambda stage, *rest: tf.logical_and(stage <= stages, tf.logical_not(rest[-1])),
+        stage_body, (tf.constant(1), x, tv_weight, start[0], start[1], tf.constant(False)))
+    # The next pass's weight (only when there is one: the residual costs a large-grid FFT pair).
+    weight = tf.cond(reweigh, lambda: weight * robust_weights_tf(
+        from_residual_grid(projected_residual(x)), m, robust_data), lambda: weight)
+    return x, used, weight
+
+  # robust_data: a second pass with Huber weights on the first's residual (`refine_cg`). One
+  # loop over the passes traces the solve once (a tf.cond over two solves would trace it twice).
+  robust_data = tf.cast(robust_data, tf.float32)
+  passes = tf.where(robust_data > 0, 2, 1)
+
+  def pass_body(i, weight, x, used):
+    del x, used
+    x, used, weight = solve_weighted(weight, i + 1 < passes)
+    return i + 1, weight, x, used
+
+  _, _, x, tv_weight = tf.while_loop(
+      lambda i, *_: i < passes, pass_body, (tf.constant(0), weight, x0, tv_weight))
   inner = physics_tf.crop_from(x, size)
   full = tf.shape(m_full)
   chi = tf.pad(inner, tf.stack([begin, full - begin - size], axis=1)) * m_full
