@@ -36,8 +36,8 @@ setup(
         "qsm-ci==0.6.2",
         # data_prep: the Beam pipeline and the ICBM152 template nilearn ships in its wheel.
         "apache-beam>=2.77,<3",
-        "crcmod>=1.7",
-        # Beam picks it up for TFRecord CRCs: 20x faster than crcmod (BUILD.md, data_prep).
+        # TFRecord CRCs: qsmgan_tf.records.framing checks them with it, and Beam's sinks pick it
+        # up: 20x faster than crcmod (BUILD.md, data_prep).
         "google-crc32c>=1.5",
         "nilearn>=0.10",
         "tqdm>=4.66",

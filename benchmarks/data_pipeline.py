@@ -7,8 +7,8 @@ r"""Data pipeline benchmark: simulation, patch encoding, Beam writing, tf.data r
 One JSON line per measurement (``name`` says which):
   simulate_*       subjects/s of `data_prep.simulate.simulate_subject` at the phantom's
                    natural grid (the brain's first call also loads the ICBM152 template);
-  encode_stage     pairs/s of patch cutting + `records.encode` in one process, next to the
-                   CRC-32C (crcmod; which implementation) and SHA-256 cost of one pair;
+  encode_stage     pairs/s of patch cutting + `records.codec.encode` (tf.train.Example) in one
+                   process, next to the CRC-32C (google-crc32c) and SHA-256 cost of one pair;
   beam_write_*     pairs/s of the whole Beam pipeline (2 DirectRunner workers) from subjects on
                    disk (loading, patches, encoding, TFRecord sink, sharding, manifest scan),
                    per running mode and sharding ('fileio' default = planned shards written
@@ -82,12 +82,13 @@ def measure_simulation():
 def measure_encode(subject):
   from data_prep import patches  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import records  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf.records import codec  # pylint: disable=import-outside-toplevel
   cfg = patches.PatchConfig(augment=True)
   dtypes = cfg.storage_dtypes()
   t0 = time.perf_counter()
   blobs = []
   for arrays, meta in patches.patch_pairs(subject, cfg, seed=0):
-    blobs.append(records.encode(arrays, meta, dtypes))
+    blobs.append(codec.encode(arrays, meta, dtypes))
     if len(blobs) >= _ENCODE_PAIRS.value:
       break
   seconds = time.perf_counter() - t0

@@ -2,7 +2,7 @@ r"""Decoding float16 patch bytes to float32: TensorFlow's half cast against our 
 
   python benchmarks/half_decode.py [--patches=8] [--repeats=20]
 
-`records.parse_batch` decodes float16 arrays with `records.half_bits_to_float32` (integer ops;
+`codec.parse_batch` decodes float16 arrays with `codec.half_bits_to_float32` (integer ops;
 why: its docstring) instead of ``decode_raw(float16)`` + ``cast``. Both run here side by side on
 random 64^3 patches, twice, in one process; one JSON line per round with milliseconds per
 patch and the ratio, plus whether the two agree exactly.
@@ -15,7 +15,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from qsmgan_tf import records
+from qsmgan_tf.records import codec
 
 _PATCHES = flags.DEFINE_integer("patches", 8, "64^3 patches per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per decoder and round.")
@@ -26,7 +26,7 @@ def main(argv):
   x = np.random.default_rng(0).normal(scale=0.05, size=(_PATCHES.value, 64**3))
   raw = tf.constant([row.astype(np.float16).tobytes() for row in x])
   cast = tf.function(lambda r: tf.cast(tf.io.decode_raw(r, tf.float16), tf.float32))
-  ours = tf.function(lambda r: records.half_bits_to_float32(tf.io.decode_raw(r, tf.uint16)))
+  ours = tf.function(lambda r: codec.half_bits_to_float32(tf.io.decode_raw(r, tf.uint16)))
   same = bool(np.array_equal(cast(raw).numpy(), ours(raw).numpy()))
   for round_index in range(2):
     ms = {}

@@ -15,6 +15,7 @@ import time
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data_prep import brain_anatomy  # pylint: disable=wrong-import-position
 from data_prep import phantoms  # pylint: disable=wrong-import-position
 from data_prep import shapes  # pylint: disable=wrong-import-position
 from data_prep import simulate  # pylint: disable=wrong-import-position
@@ -32,7 +33,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args()
-  _timed("template_load", phantoms.load_template)
+  _timed("template_load", brain_anatomy.load_template)
   for rep in range(args.repeats):
     for shape in ((160, 192, 160), None):
       label = "natural_176x208x176" if shape is None else "x".join(map(str, shape))

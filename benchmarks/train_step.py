@@ -56,7 +56,7 @@ def write_records(out_dir, n, size_in=64, size_out=48, n_val=2):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from data_prep import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
   from data_prep import patches  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import records  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf.records import codec  # pylint: disable=import-outside-toplevel
 
   os.makedirs(out_dir, exist_ok=True)
   cfg = patches.PatchConfig(input_patch=size_in, output_patch=size_out)
@@ -65,17 +65,16 @@ def write_records(out_dir, n, size_in=64, size_out=48, n_val=2):
     field, chi = _random_pairs(count, size_in, size_out, seed=len(split))
     paths = [os.path.join(out_dir, f"{split}-{i:05d}-of-{shards:05d}.tfrecord")
              for i in range(shards)]
-    files = [open(p, "wb") for p in paths]  # pylint: disable=consider-using-with
+    blobs = []
     for k in range(count):
       arrays = {"field": field[k, ..., 0], "chi": chi[k, ..., 0],
                 "mask": np.ones((size_out,) * 3, np.uint8)}
       meta = {"subject_id": split, "kind": "shapes", "voxel_size_mm": [1, 1, 1],
               "b0_dir": [0, 0, 1], "centre": [0, 0, 0], "background": 0,
               "transform": np.eye(3, dtype=int).ravel(), "chi_scale": 1.0, "snr": 0.0}
-      files[k % shards].write(records.frame_record(records.encode(arrays, meta,
-                                                                  cfg.storage_dtypes())))
-    for f in files:
-      f.close()
+      blobs.append(codec.encode(arrays, meta, cfg.storage_dtypes()))
+    for i, path in enumerate(paths):
+      codec.write_records(path, blobs[i::shards])
     scans[split] = [manifest_lib.scan_for_manifest(p) for p in paths]
     subjects[split] = [{"subject_id": split, "kind": "shapes", "seed": 0,
                         "shape": [size_in] * 3, "voxel_size_mm": [1.0, 1.0, 1.0],
@@ -179,6 +178,7 @@ def transform_study(steps, preset, transforms, batch=2):
 
   from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import training  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import training_config  # pylint: disable=import-outside-toplevel
 
   config = networks.PRESETS[preset]
   rng = np.random.default_rng(0)
@@ -197,11 +197,12 @@ def transform_study(steps, preset, transforms, batch=2):
         len(train_f), seed=0).repeat().batch(batch)
     val_ds = tf.data.Dataset.from_tensor_slices((val_f, val_c)).batch(batch)
     with tempfile.TemporaryDirectory() as model_dir:
-      cfg = training.resolve_config(preset, model_dir=model_dir, stage="pretrain",
-                                    total_steps=steps, steps_per_epoch=steps,
-                                    checkpoint_every_steps=steps, output_transform=transform,
-                                    strategy="one_device", precision="auto", quiet=True,
-                                    global_batch_size=batch)
+      cfg = training_config.resolve_config(preset, model_dir=model_dir, stage="pretrain",
+                                           total_steps=steps, steps_per_epoch=steps,
+                                           checkpoint_every_steps=steps,
+                                           output_transform=transform, strategy="one_device",
+                                           precision="auto", quiet=True,
+                                           global_batch_size=batch)
       t0 = time.perf_counter()
       training.train(cfg, datasets=(train_ds, val_ds))
       seconds = time.perf_counter() - t0

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import qsmgan_tf
 from qsmgan_tf import nifti_io
 from qsmgan_tf import records
+from qsmgan_tf.records import codec
 from qsmgan_tf.errors import InputError
 
 NORMALISATION = "none: field (ppm of B0) and target (ppm) are stored as they are; the model normalises"
@@ -43,9 +44,8 @@ def scan_for_manifest(path) -> dict:
   per_subject = collections.defaultdict(lambda: [0, 0])
   for _, data in records.iter_records(path, check_crc=False, file_hash=file_hash):
     hashes.append(hashlib.sha256(data).hexdigest())
-    features = records.parse_features(data)
-    sid = features["meta/subject_id"][1][0].decode()
-    per_subject[sid][int(features["meta/background"][1][0])] += 1
+    sid, background = codec.origin(data)
+    per_subject[sid][background] += 1
   return {
       "name": os.path.basename(str(path)),
       "num_records": len(hashes),

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.ndimage
 
-from data_prep import phantoms as phantoms_lib
+from data_prep import drawing
+from data_prep import tissues
 from qsmgan_tf import physics
 
 # Ranges `ModelErrors.draw` samples (assumptions, see its docstring). ppm levels are log-uniform,
@@ -318,11 +319,11 @@ def edge_background(mask: np.ndarray, voxel_size_mm: Sequence[float], b0_dir: Se
   return _rescaled(field, mask, rms_ppm), record
 
 
-def fibre_directions(grid: phantoms_lib.Grid, rng: np.random.Generator,
+def fibre_directions(grid: drawing.Grid, rng: np.random.Generator,
                      spacing_mm: float = FIBRE_SPACING_MM) -> np.ndarray:
-  """A smooth random unit vector field (3, i, j, k): three `phantoms.smooth_field_mm` draws,
+  """A smooth random unit vector field (3, i, j, k): three `drawing.smooth_field_mm` draws,
   normalised per voxel (isotropic: each voxel's direction is uniform on the sphere)."""
-  v = np.stack([phantoms_lib.smooth_field_mm(grid, rng, spacing_mm) for _ in range(3)])
+  v = np.stack([drawing.smooth_field_mm(grid, rng, spacing_mm) for _ in range(3)])
   v /= np.maximum(np.sqrt(np.sum(v * v, axis=0)), np.float32(1e-6))
   return v
 
@@ -373,12 +374,12 @@ def _error_parts(errors: ModelErrors, stream: Sequence[int], kind: str, given: n
     record["smooth_background"] = {"std_ppm": std, "order": int(errors.smooth_background_order)}
   if errors.anisotropy_ppm != 0:
     applied = kind == "brain"
-    wm = (seg == phantoms_lib.LABELS["white_matter"]) & given if applied else None
+    wm = (seg == tissues.LABELS["white_matter"]) & given if applied else None
     rec = {"amplitude_ppm": float(errors.anisotropy_ppm), "applied": bool(applied),
            "fibre_spacing_mm": FIBRE_SPACING_MM,
            "wm_voxels": int(wm.sum()) if applied else 0}
     if applied:
-      dirs = fibre_directions(phantoms_lib.Grid.centred(given.shape, vox),
+      dirs = fibre_directions(drawing.Grid.centred(given.shape, vox),
                               _error_rng(stream, "anisotropy"))
       part = anisotropy_field(wm.astype(np.float32), dirs, b0, errors.anisotropy_ppm)
       parts["anisotropy_ppm"] = part

@@ -226,7 +226,7 @@ def transform_geometry(matrix: np.ndarray, b0_dir: Sequence[float],
 # --------------------------------------------------------------------------------------
 def patch_pairs(subject, config: PatchConfig, seed: int,
                 kind: str | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
-  """Cuts one subject into (arrays, meta) patch pairs, ready for `records.encode`.
+  """Cuts one subject into (arrays, meta) patch pairs, ready for `records.codec.encode`.
 
   Args:
     subject: a `data_prep.simulate.Subject` (field_ppm, target_ppm, mask, voxel_size_mm,

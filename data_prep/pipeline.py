@@ -35,6 +35,7 @@ from data_prep import phantoms as phantoms_lib
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf import records
+from qsmgan_tf.records import codec
 from qsmgan_tf.errors import InputError
 
 SPLITS = ("train", "val")
@@ -245,7 +246,7 @@ def encode_pair(split_pair, dtypes: dict) -> tuple[str, bytes]:
   from apache_beam.metrics import Metrics  # pylint: disable=import-outside-toplevel
   split, (arrays, meta) = split_pair
   Metrics.counter(_COUNTER_NAMESPACE, f"pairs_{split}").inc()
-  return split, records.encode(arrays, meta, dtypes)
+  return split, codec.encode(arrays, meta, dtypes)
 
 
 def _split_index(element, num_partitions) -> int:  # pylint: disable=unused-argument
@@ -277,10 +278,7 @@ def _index_bundle(path) -> list[tuple[str, str, int, int, str, int]]:
   """
   out = []
   for offset, length, data in records.iter_spans(path):
-    features = records.parse_features(data)
-    out.append((hashlib.sha256(data).hexdigest(), str(path), offset, length,
-                features["meta/subject_id"][1][0].decode(),
-                int(features["meta/background"][1][0])))
+    out.append((hashlib.sha256(data).hexdigest(), str(path), offset, length, *codec.origin(data)))
   return out
 
 

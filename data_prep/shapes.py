@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep import phantoms as P
+from data_prep import drawing as P
 
 # Natural field of view (mm): a head-sized cube.
 SHAPES_FOV_MM = (128, 128, 128)
@@ -58,7 +58,7 @@ def shapes_phantom(seed: int, shape: Sequence[int] | None = None,
     lesions: add microbleeds and a calcification in the background.
 
   Returns:
-    A `phantoms.Phantom`.
+    A `drawing.Phantom`.
   """
   vox = tuple(float(v) for v in voxel_size_mm)
   shape = P.natural_shape(SHAPES_FOV_MM, vox) if shape is None else tuple(int(n) for n in shape)

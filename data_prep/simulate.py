@@ -51,6 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.fft
 
+from data_prep import drawing
 from data_prep import model_errors as model_errors_lib
 from data_prep import phantoms as phantoms_lib
 from data_prep import shapes as shapes_lib
@@ -110,7 +111,7 @@ class Subject:
 
 def make_phantom(kind: str, seed: int, shape: Sequence[int] | None = None,
                  voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
-                 lesions: bool = False, detail: str = "none") -> phantoms_lib.Phantom:
+                 lesions: bool = False, detail: str = "none") -> drawing.Phantom:
   """The phantom of ``kind`` ('brain' or 'shapes') for ``seed`` on the requested grid.
 
   ``detail`` ('none' or 'fine', `phantoms.DETAIL_MODES`) applies to brains; shapes ignore it."""
@@ -260,8 +261,8 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
   full_field = physics.forward_field(chi, vox, b0)
   clean = np.where(mask, full_field, 0.0).astype(np.float32)
   cycles_per_ppm = physics.ppm_to_hz(1.0, b0_tesla) * te_seconds
-  grid = phantoms_lib.Grid.centred(mask.shape, vox)
-  bias = np.exp(0.15 * phantoms_lib.smooth_field_mm(grid, rng, 48.0))
+  grid = drawing.Grid.centred(mask.shape, vox)
+  bias = np.exp(0.15 * drawing.smooth_field_mm(grid, rng, 48.0))
   signal = (phantom.pd * np.exp(-te_seconds * phantom.r2star_hz)
             * _dephasing(full_field, cycles_per_ppm) * bias).astype(np.float32)
   signal = np.where(mask, signal, 0.0).astype(np.float32)

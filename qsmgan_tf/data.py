@@ -22,6 +22,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from qsmgan_tf import records
+from qsmgan_tf.records import codec
 from qsmgan_tf.errors import InputError
 
 
@@ -126,7 +127,7 @@ def make_dataset(data_dir, split: str = "train", global_batch_size: int = 2, *,
   if shuffle:
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.batch(batch, drop_remainder=drop_remainder)
-  ds = ds.map(lambda s: records.parse_batch(s, spec, names),
+  ds = ds.map(lambda s: codec.parse_batch(s, spec, names),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()

@@ -76,14 +76,16 @@ _EXPORT_BASE = flags.DEFINE_string("export_base", None, "If set, export the best
 
 
 def _config_from_flags():
-  from qsmgan_tf import training  # pylint: disable=import-outside-toplevel
+  # Imported here: it loads TensorFlow, which --help must not.
+  from qsmgan_tf import training_config  # pylint: disable=import-outside-toplevel
 
   data_dir = _DATA_DIR.value or _TRAIN_DIR.value
   total = _TOTAL_STEPS.value
   if total is None and _EPOCHS.value is not None:
-    spe = _STEPS_PER_EPOCH.value or training.PRESET_TRAINING[_PRESET.value]["steps_per_epoch"]
+    preset_defaults = training_config.PRESET_TRAINING[_PRESET.value]
+    spe = _STEPS_PER_EPOCH.value or preset_defaults["steps_per_epoch"]
     total = _EPOCHS.value * spe
-  return training.resolve_config(
+  return training_config.resolve_config(
       _PRESET.value, model_dir=_MODEL_DIR.value, data_dir=data_dir, stage=_STAGE.value,
       total_steps=total, gan_fraction=_GAN_FRACTION.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
       global_batch_size=_BATCH.value, gen_lr=_GEN_LR.value, gan_gen_lr=_GAN_GEN_LR.value,

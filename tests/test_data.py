@@ -12,6 +12,7 @@ from data_prep import patches
 from data_prep import pipeline
 from qsmgan_tf import data
 from qsmgan_tf import records
+from qsmgan_tf.records import codec
 
 import shard_helpers  # tests/shard_helpers.py
 from qsmgan_tf.errors import InputError
@@ -27,11 +28,12 @@ def dataset_dir(tmp_path_factory):
 
 
 def _field_hashes_from_files(paths):
-  """Independent decode (pure Python) of each record's field, as float32 bytes."""
+  """Independent decode (`codec.decode`, not the tf.data graph) of each record's field, as
+  float32 bytes."""
   out = []
   for path in paths:
     for _, blob in records.iter_records(path):
-      arrays, _ = records.decode(blob)
+      arrays, _ = codec.decode(blob)
       out.append(hashlib.sha256(arrays["field"].astype(np.float32).tobytes()).hexdigest())
   return out
 

@@ -14,6 +14,7 @@ from qsmgan_tf import exporting as export  # the library behind the binary
 from qsmgan_tf import inference
 from qsmgan_tf import networks
 from qsmgan_tf import refine
+from qsmgan_tf import training_folder
 from qsmgan_tf.errors import InputError
 
 keras = pytest.importorskip("keras")
@@ -23,7 +24,7 @@ _MANIFEST_SHA = "5b1f0c9e" * 8
 
 
 def _contract(config):
-  """A contract shaped like training.build_contract's."""
+  """A contract shaped like training_folder.build_contract's."""
   return {
       "generator": config.to_dict(),
       "input_patch": config.input_patch,
@@ -426,10 +427,10 @@ def test_refine_overrides_are_typed_and_checked():
 
 def test_training_can_start_from_an_exported_model(exported):
   """`train --init_from=saved_models/qsmgan[/N]` rebuilds the generator with the same weights."""
-  from qsmgan_tf import training  # pylint: disable=import-outside-toplevel
   path, generator, trained_contract = exported
   for where in (path, path.parent):  # a version folder or the model base path
-    rebuilt, contract = training._load_init_generator(str(where))  # pylint: disable=protected-access
+    rebuilt, contract = training_folder._load_init_generator(  # pylint: disable=protected-access
+        str(where))
     assert contract["input_patch"] == trained_contract["input_patch"]
     for a, b in zip(rebuilt.get_weights(), generator.get_weights()):
       np.testing.assert_array_equal(a, b)

@@ -303,7 +303,7 @@ def test_model_frame_round_trip_on_smooth_volumes(voxel):
 
 
 def test_training_contract_geometry():
-  """The keys `training.build_contract` writes: voxel sizes, B0 axis and trained tilts."""
+  """The keys `training_folder.build_contract` writes: voxel sizes, B0 axis and trained tilts."""
   tilt = np.radians(15.0)
   contract = {"generator": _TINY.to_dict(), "voxel_sizes_mm": [[1, 1, 1], [1, 1, 2]],
               "b0_dir": [0, 0, 1], "b0_dirs_trained": [[0, 0, 1], [np.sin(tilt), 0, np.cos(tilt)]]}

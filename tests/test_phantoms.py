@@ -1,6 +1,5 @@
-"""Tests for data_prep.phantoms (ICBM152 brains, drawing primitives) and data_prep.shapes."""
+"""Tests for data_prep.phantoms and brain_anatomy (ICBM152 brains) and data_prep.shapes."""
 
-import math
 import socket
 
 import numpy as np
@@ -8,8 +7,11 @@ import pytest
 import scipy.ndimage
 import scipy.stats
 
+from data_prep import brain_anatomy
+from data_prep import drawing
 from data_prep import phantoms
 from data_prep import shapes
+from data_prep import tissues
 
 BRAIN_SHAPE = (48, 56, 48)
 
@@ -31,8 +33,8 @@ def test_template_loads_without_network(monkeypatch):
   monkeypatch.setattr(socket.socket, "connect", refuse)
   monkeypatch.setattr(socket, "getaddrinfo", refuse)
   monkeypatch.setattr(socket, "create_connection", refuse)
-  phantoms.load_template.cache_clear()
-  template = phantoms.load_template()
+  brain_anatomy.load_template.cache_clear()
+  template = brain_anatomy.load_template()
   # A whole adult brain at 1 mm: about 145 x 180 x 155 mm with its tissue fractions summing to 1.
   assert 130 < template.extent_mm[0] < 160 and 165 < template.extent_mm[1] < 200
   total = template.p_gm + template.p_wm + template.p_csf
@@ -75,7 +77,7 @@ def test_labels_mask_and_zero_outside(brain):
 def test_tissue_means_match_drawn_literature_values(brain):
   for label in range(1, 11):
     drawn = brain.meta["tissue_chi_ppm"][str(label)]
-    lo, hi = phantoms.CHI_RANGES_PPM[label]
+    lo, hi = tissues.CHI_RANGES_PPM[label]
     assert lo <= drawn <= hi, label
     # Core voxels (away from partial-volume edges); nuclei carry a +-15 % iron texture.
     core = scipy.ndimage.binary_erosion(brain.seg == label)
@@ -152,7 +154,7 @@ def test_lesions_are_counted_and_in_range(brain_lesions):
     _, n = scipy.ndimage.label(brain_lesions.seg == label)
     assert n == len(expected)
     for lesion in expected:
-      lo, hi = phantoms.CHI_RANGES_PPM[label]
+      lo, hi = tissues.CHI_RANGES_PPM[label]
       assert lo <= lesion["chi_ppm"] <= hi
   assert brain_lesions.chi_ppm.max() >= min(p["chi_ppm"] for p in bleeds) - 1e-6
   assert brain_lesions.chi_ppm.min() < -0.15
@@ -176,60 +178,10 @@ def test_anisotropic_voxels_keep_the_anatomy(brain):
 
 
 def test_fov_smaller_than_brain_shrinks_anatomy():
-  assert phantoms.fit_zoom((176, 208, 176), (1, 1, 1), (145, 182, 155)) == 1.0
-  zoom = phantoms.fit_zoom((48, 56, 48), (1, 1, 1), (145, 182, 155))
+  assert drawing.fit_zoom((176, 208, 176), (1, 1, 1), (145, 182, 155)) == 1.0
+  zoom = drawing.fit_zoom((48, 56, 48), (1, 1, 1), (145, 182, 155))
   assert zoom == pytest.approx((48 - 8) / 155)
-  assert phantoms.natural_shape(phantoms.BRAIN_FOV_MM, (1, 1, 2)) == (176, 208, 88)
-
-
-@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (0.7, 1.0, 1.5)])
-def test_primitive_volumes_are_analytic(voxel):
-  grid = phantoms.Grid.centred((64, 64, 48), voxel)
-  dv = float(np.prod(voxel))
-  # Rotated ellipsoid: 4/3 pi abc.
-  sl, occ = phantoms.ellipsoid_region(grid, (2.0, -3.0, 1.0), (9.0, 6.0, 5.0),
-                                      phantoms.euler_rotation((20, 30, 40)))
-  assert occ.sum() * dv == pytest.approx(4 / 3 * math.pi * 9 * 6 * 5, rel=0.03)
-  # Finite cylinder: pi r^2 * 2h.
-  sl, occ = phantoms.cylinder_region(grid, (0, 0, 0), (1, 1, 0.5), 4.0, 10.0)
-  assert occ.sum() * dv == pytest.approx(math.pi * 16 * 20, rel=0.04)
-  # Straight tube: pi r^2 L plus two hemispherical caps.
-  pts = phantoms.bezier_points([(-12, 0, 0), (12, 4, 2)])
-  sl, occ = phantoms.tube_region(grid, pts, 2.0)
-  length = float(np.linalg.norm([24, 4, 2]))
-  assert occ.sum() * dv == pytest.approx(math.pi * 4 * length + 4 / 3 * math.pi * 8, rel=0.05)
-  assert occ.shape == tuple(s.stop - s.start for s in sl)
-
-
-def test_paint_replaces_and_labels():
-  grid = phantoms.Grid.centred((32, 32, 32), (1, 1, 1))
-  canvas = phantoms.Canvas.empty(grid)
-  canvas.chi[:] = 0.1
-  canvas.paint(phantoms.ellipsoid_region(grid, (0, 0, 0), (6, 6, 6)), 1.0, 17)
-  assert canvas.chi[16, 16, 16] == pytest.approx(1.0)
-  assert canvas.chi[0, 0, 0] == pytest.approx(0.1)
-  assert canvas.seg[16, 16, 16] == 17 and canvas.seg[0, 0, 0] == 0
-  assert canvas.r2s[16, 16, 16] == pytest.approx(phantoms.R2STAR_HZ[17])
-  # appearance=False paints chi and labels only; paint_appearance paints PD and R2* only.
-  canvas.paint(phantoms.ellipsoid_region(grid, (8, 8, 8), (3, 3, 3)), 0.3, 1, appearance=False)
-  assert canvas.chi[24, 24, 24] == pytest.approx(0.3) and canvas.seg[24, 24, 24] == 1
-  assert canvas.r2s[24, 24, 24] == 0 and canvas.pd[24, 24, 24] == 0
-  canvas.paint_appearance(phantoms.ellipsoid_region(grid, (9, 8, 8), (3, 3, 3)), 0.7, 40.0)
-  assert canvas.r2s[25, 24, 24] == pytest.approx(40.0)
-  assert canvas.pd[25, 24, 24] == pytest.approx(0.7)
-  assert canvas.chi[25, 24, 24] == pytest.approx(0.3)
-  canvas.paint(phantoms.ellipsoid_region(grid, (0, 0, 0), (3, 3, 3)), 0.5, None, additive=True)
-  assert canvas.chi[16, 16, 16] == pytest.approx(1.5)
-
-
-def test_smooth_field_statistics():
-  rng = np.random.default_rng(0)
-  field = phantoms.smooth_field((40, 48, 32), rng, 8.0)
-  assert abs(field.mean()) < 1e-5 and field.std() == pytest.approx(1.0, rel=1e-3)
-  # Smooth: neighbours nearly equal.
-  assert np.corrcoef(field[1:].ravel(), field[:-1].ravel())[0, 1] > 0.95
-  again = phantoms.smooth_field((40, 48, 32), np.random.default_rng(0), 8.0)
-  np.testing.assert_array_equal(field, again)
+  assert drawing.natural_shape(phantoms.BRAIN_FOV_MM, (1, 1, 2)) == (176, 208, 88)
 
 
 def test_shapes_phantom():
@@ -296,6 +248,7 @@ def test_fine_detail_adds_fine_structure_and_keeps_the_rest():
   vox = plain.voxel_size_mm
   assert (metrics.fine_energy_fraction(fine.chi_ppm, fine.mask, vox)
           > 1.15 * metrics.fine_energy_fraction(plain.chi_ppm, plain.mask, vox))
-  assert np.sum(fine.seg == phantoms.LABELS["vessel"]) > np.sum(plain.seg == phantoms.LABELS["vessel"])
+  vessel = tissues.LABELS["vessel"]
+  assert np.sum(fine.seg == vessel) > np.sum(plain.seg == vessel)
   with pytest.raises(ValueError, match="detail"):
     phantoms.brain_phantom(4, BRAIN_SHAPE, detail="coarse")

@@ -14,6 +14,7 @@ from data_prep import manifest as manifest_lib
 from data_prep import patches
 from data_prep import pipeline
 from qsmgan_tf import records
+from qsmgan_tf.records import codec
 from qsmgan_tf.errors import InputError
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -94,7 +95,7 @@ def test_split_is_by_subject(datasets):
   for split, subjects in (("train", train), ("val", val)):
     for shard in manifest["splits"][split]["shards"]:
       for _, data in records.iter_records(root / "a" / shard["name"]):
-        _, meta = records.decode(data)
+        _, meta = codec.decode(data)
         assert meta["meta/subject_id"] in subjects
 
 

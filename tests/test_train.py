@@ -1,4 +1,5 @@
-"""Tests for qsmgan_tf.training, qsmgan_tf.train (the CLI) and qsmgan_tf.distribute."""
+"""Tests for qsmgan_tf.training (with training_config, training_folder, training_callbacks),
+qsmgan_tf.train (the CLI) and qsmgan_tf.distribute."""
 
 import dataclasses
 import glob
@@ -17,8 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qsmgan_tf import distribute
 from qsmgan_tf import networks
-from qsmgan_tf import records
+from qsmgan_tf.records import codec
 from qsmgan_tf import training
+from qsmgan_tf import training_callbacks
+from qsmgan_tf import training_config
+from qsmgan_tf import training_folder
 from qsmgan_tf.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +47,7 @@ def _pairs(n, size_in=24, size_out=16, seed=0, nan=False):
 
 
 def write_tiny_dataset(out_dir, n_train=8, n_val=4, size_in=24, size_out=16, shards=2):
-  """A small TFRecord dataset in the data_prep format (records.encode + build_manifest)."""
+  """A small TFRecord dataset in the data_prep format (codec.encode + build_manifest)."""
   from data_prep import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
   from data_prep import patches  # pylint: disable=import-outside-toplevel
 
@@ -56,17 +60,16 @@ def write_tiny_dataset(out_dir, n_train=8, n_val=4, size_in=24, size_out=16, sha
     field, chi = _pairs(n, size_in, size_out, seed)
     paths = [os.path.join(out_dir, f"{split}-{i:05d}-of-{n_shards:05d}.tfrecord")
              for i in range(n_shards)]
-    files = [open(p, "wb") for p in paths]  # pylint: disable=consider-using-with
+    blobs = []
     for k in range(n):
       arrays = {"field": field[k, ..., 0], "chi": chi[k, ..., 0],
                 "mask": np.ones((size_out,) * 3, np.uint8)}
       meta = {"subject_id": sid, "kind": "shapes", "voxel_size_mm": [1, 1, 1],
               "b0_dir": [0, 0, 1], "centre": [0, 0, 0], "background": 0,
               "transform": np.eye(3, dtype=int).ravel(), "chi_scale": 1.0, "snr": 0.0}
-      files[k % n_shards].write(
-          records.frame_record(records.encode(arrays, meta, cfg.storage_dtypes())))
-    for f in files:
-      f.close()
+      blobs.append(codec.encode(arrays, meta, cfg.storage_dtypes()))
+    for i, path in enumerate(paths):
+      codec.write_records(path, blobs[i::n_shards])
     scans[split] = [manifest_lib.scan_for_manifest(p) for p in paths]
     subjects[split] = [{"subject_id": sid, "kind": "shapes", "seed": seed,
                         "shape": [size_in] * 3, "voxel_size_mm": [1.0, 1.0, 1.0],
@@ -98,7 +101,7 @@ def _config(model_dir, **kw):
   values = dict(model_dir=str(model_dir), strategy="one_device", precision="float32",
                 quiet=True)
   values.update(kw)
-  return training.resolve_config("test_tiny", **values)
+  return training_config.resolve_config("test_tiny", **values)
 
 
 def _tags(folder):
@@ -224,31 +227,32 @@ def test_init_from_refuses_a_generator_of_another_preset(tmp_path):
   other.save(path)
   target = networks.build_generator(networks.PRESETS["test_tiny"])
   with pytest.raises(InputError, match="do not match"):
-    training._copy_weights(keras.models.load_model(path), target, "x")  # pylint: disable=protected-access
+    training_folder._copy_weights(  # pylint: disable=protected-access
+        keras.models.load_model(path), target, "x")
   same = networks.build_generator(networks.PRESETS["test_tiny"])
-  training._copy_weights(target, same, "x")  # pylint: disable=protected-access
+  training_folder._copy_weights(target, same, "x")  # pylint: disable=protected-access
   for a, b in zip(target.weights, same.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_presets_are_defaults_and_explicit_values_win():
-  config = training.resolve_config("test_tiny", model_dir="m", total_steps=None, n_critic=7)
-  assert config.total_steps == training.PRESET_TRAINING["test_tiny"]["total_steps"]
+  config = training_config.resolve_config("test_tiny", model_dir="m", total_steps=None, n_critic=7)
+  assert config.total_steps == training_config.PRESET_TRAINING["test_tiny"]["total_steps"]
   assert config.n_critic == 7
-  assert training.plan_stages(training.resolve_config("cpu_small", model_dir="m",
-                                                      total_steps=1000, gan_fraction=0.2)) == \
+  assert training_config.plan_stages(training_config.resolve_config(
+      "cpu_small", model_dir="m", total_steps=1000, gan_fraction=0.2)) == \
       [("pretrain", 800, 0), ("wgan_gp", 200, 800)]
   with pytest.raises(InputError, match="--model_dir is required"):
-    training.resolve_config("test_tiny")
+    training_config.resolve_config("test_tiny")
   with pytest.raises(InputError, match="unknown preset"):
-    training.resolve_config("huge", model_dir="m")
+    training_config.resolve_config("huge", model_dir="m")
 
 
 def test_slice_panel_is_in_unit_range_with_the_fixed_window():
   field = np.zeros((24, 24, 24), np.float32)
   truth = np.zeros((16, 16, 16), np.float32)
   truth[8, 8, 8] = 1.0  # far outside the window: clipped, not rescaled
-  image = training.slice_panel(field, truth * 0, truth)
+  image = training_callbacks.slice_panel(field, truth * 0, truth)
   assert image.shape == (1, 4 * 16, 3 * 16, 1)
   assert image.min() >= 0 and image.max() <= 1
   # Zero maps to mid-grey in every row: the window is fixed in ppm, not per image.

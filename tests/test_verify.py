@@ -15,6 +15,8 @@ from data_prep import pipeline
 from data_prep import verify
 from qsmgan_tf import data
 from qsmgan_tf import records
+from qsmgan_tf.errors import InputError
+from qsmgan_tf.records import codec
 
 import shard_helpers  # tests/shard_helpers.py
 
@@ -112,18 +114,18 @@ def test_digest_detects_a_swapped_record(built, tmp_path):
   name = _shard(ds, 0)
   blobs = [d for _, d in records.iter_records(ds / name)]
   blobs[0] = next(d for _, d in records.iter_records(built[2] / _shard(built[2], 0)))
-  (ds / name).write_bytes(b"".join(records.frame_record(b) for b in blobs))
+  codec.write_records(ds / name, blobs)
   manifest = json.loads((ds / "manifest.json").read_text())
   entry = manifest["splits"]["train"]["shards"][0]
   entry.update(size_bytes=os.path.getsize(ds / name), sha256=records.file_sha256(ds / name),
                fingerprint=records.fingerprint(ds / name))
   (ds / "manifest.json").write_text(json.dumps(manifest))
   verify.verify_dataset(ds, "sha256")  # every shard-level check passes
-  with pytest.raises(records.InputError, match="train: example digest differs"):
+  with pytest.raises(InputError, match="train: example digest differs"):
     verify.verify_dataset(ds, "full")
 
 
 def test_unfinished_dataset_has_no_manifest(tmp_path):
-  (tmp_path / "train-00000-of-00001.tfrecord").write_bytes(records.frame_record(b"x"))
+  codec.write_records(tmp_path / "train-00000-of-00001.tfrecord", [b"x"])
   code, _, stderr = _verify_cli(tmp_path)
   assert code == 2 and "no manifest.json" in stderr[0]
