@@ -121,13 +121,14 @@ def _write_subjects(subjects_by_kind, root):
 def measure_beam(subjects_dir, work):
   from data_prep import patches  # pylint: disable=import-outside-toplevel
   from data_prep import pipeline  # pylint: disable=import-outside-toplevel
+  from data_prep import subject_specs  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import records  # pylint: disable=import-outside-toplevel
   cfg = patches.PatchConfig(augment=True)
   last = None
   for index, run in enumerate(_RUNS.value):  # a run may repeat: alternate runs to compare
     mode, sharding = run.split(":")
     out = os.path.join(work, f"ds{index}_{mode}_{sharding}")
-    specs = pipeline.real_specs(subjects_dir, 0, 0.2, "chi")
+    specs = subject_specs.real_specs(subjects_dir, 0, 0.2, "chi")
     peak_before = max(_children_peak_mib(), _self_peak_mib())
     t0 = time.perf_counter()
     try:
@@ -152,7 +153,7 @@ def measure_beam(subjects_dir, work):
     if last is not None:
       shutil.rmtree(last)
     last = out
-  specs = pipeline.synthetic_specs(_BRAINS.value, _SHAPES.value, 0, val_fraction=0.2)
+  specs = subject_specs.synthetic_specs(_BRAINS.value, _SHAPES.value, 0, val_fraction=0.2)
   out = os.path.join(work, "ds_synthetic")
   t0 = time.perf_counter()
   manifest = pipeline.make_dataset(

@@ -163,6 +163,7 @@ def main(argv):
   # Imports here: --help must not pay for numpy/scipy/Beam.
   from data_prep import patches  # pylint: disable=import-outside-toplevel
   from data_prep import pipeline  # pylint: disable=import-outside-toplevel
+  from data_prep import subject_specs  # pylint: disable=import-outside-toplevel
 
   extra = argv[1:]
   if logging.get_verbosity() < logging.DEBUG:
@@ -187,7 +188,7 @@ def main(argv):
         max_patches=_MAX_PATCHES.value, dtype=_DTYPE.value)
   except (ValueError, TypeError) as exc:
     raise InputError(str(exc)) from None
-  specs = pipeline.synthetic_specs(
+  specs = subject_specs.synthetic_specs(
       _SYN_BRAINS.value, _SYN_SHAPES.value, _SEED.value, val_fraction=_VAL_FRACTION.value,
       lesion_fraction=_LESION_FRACTION.value, snrs=snrs,
       voxel_sizes=_voxel_sizes(_VOXEL_SIZES.value),
@@ -196,8 +197,8 @@ def main(argv):
       model_error_fraction=_MODEL_ERROR_FRACTION.value, detail=_DETAIL.value,
       detail_fraction=_DETAIL_FRACTION.value)
   if _SUBJECTS_DIR.value:
-    specs += pipeline.real_specs(_SUBJECTS_DIR.value, _SEED.value, _VAL_FRACTION.value,
-                                 _TARGET.value)
+    specs += subject_specs.real_specs(_SUBJECTS_DIR.value, _SEED.value, _VAL_FRACTION.value,
+                                      _TARGET.value)
   # Worker processes must import this checkout's packages even when it is not pip-installed.
   root = str(pathlib.Path(__file__).resolve().parent.parent)
   paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)

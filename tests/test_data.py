@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from data_prep import patches
 from data_prep import pipeline
+from data_prep import subject_specs
 from qsmgan_tf import data
 from qsmgan_tf import records
 from qsmgan_tf.records import codec
@@ -21,7 +22,7 @@ from qsmgan_tf.errors import InputError
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("data") / "ds"
-  specs = pipeline.synthetic_specs(0, 3, 4, val_fraction=0.34, shape=(32, 32, 32))
+  specs = subject_specs.synthetic_specs(0, 3, 4, val_fraction=0.34, shape=(32, 32, 32))
   pipeline.make_dataset(specs, patches.PatchConfig(16, 8, 6), out,
                         pipeline.WriteOptions(train_shards=2, val_shards=1))
   return out

@@ -13,6 +13,7 @@ import pytest
 from data_prep import manifest as manifest_lib
 from data_prep import patches
 from data_prep import pipeline
+from data_prep import subject_specs
 from qsmgan_tf import records
 from qsmgan_tf.records import codec
 from qsmgan_tf.errors import InputError
@@ -33,7 +34,7 @@ def _run_binary(*args, cwd=None):
 
 
 def _in_process(out_dir, seed, sharding=pipeline.WriteOptions.sharding, val_shards=1):
-  specs = pipeline.synthetic_specs(0, 4, seed, **_SPEC_ARGS)
+  specs = subject_specs.synthetic_specs(0, 4, seed, **_SPEC_ARGS)
   return pipeline.make_dataset(specs, _CONFIG, out_dir, pipeline.WriteOptions(
       train_shards=3, val_shards=val_shards, sharding=sharding, seed=seed))
 
@@ -128,14 +129,6 @@ def test_more_shards_than_examples_still_writes_every_shard(datasets):
   records.check_split(root / "c", other_seed, "val", "full")
 
 
-def test_a_shard_split_over_several_files_is_refused():
-  # Beam's file sink names the files of a destination; a shard must be exactly one file.
-  name = "train-00000-of-00003.tfrecord"
-  assert pipeline._shard_file_name(None, None, 0, 1, "", name) == name
-  with pytest.raises(RuntimeError, match="2 files for train-00000-of-00003"):
-    pipeline._shard_file_name(None, None, 1, 2, "", name)
-
-
 def test_manifest_round_trip(tmp_path, datasets):
   _, manifest, *_ = datasets
   (tmp_path / "d").mkdir()
@@ -152,37 +145,17 @@ def test_existing_output_is_refused_with_one_line(datasets):
 
 
 def test_failed_run_leaves_nothing(tmp_path):
-  specs = [pipeline.SubjectSpec("bad-00000", "train", "no-such-kind", seed=1, shape=(32, 32, 32))]
+  specs = [subject_specs.SubjectSpec("bad-00000", "train", "no-such-kind", seed=1,
+                                     shape=(32, 32, 32))]
   with pytest.raises(Exception, match="no-such-kind"):
     pipeline.make_dataset(specs, _CONFIG, tmp_path / "out", pipeline.WriteOptions())
   assert os.listdir(tmp_path) == []
 
 
-def test_subject_seeds_and_splits_do_not_depend_on_count_or_order():
-  few = pipeline.synthetic_specs(3, 0, 7, val_fraction=0.0)
-  many = pipeline.synthetic_specs(6, 0, 7, val_fraction=0.0)
-  assert [(s.subject_id, s.seed, s.snr, s.b0_dir) for s in few] == [
-      (s.subject_id, s.seed, s.snr, s.b0_dir) for s in many[:3]]
-  ids = [f"s{i}" for i in range(10)]
-  splits = pipeline.assign_splits(ids, 3, 0.3)
-  assert splits == pipeline.assign_splits(ids[::-1], 3, 0.3)
-  assert sorted(splits.values()).count("val") == 3
-  assert splits != pipeline.assign_splits(ids, 4, 0.3)
-  with pytest.raises(InputError):
-    pipeline.assign_splits(ids, 3, 1.0)
-
-
-def test_b0_tilt_draws_have_the_requested_angle():
-  specs = pipeline.synthetic_specs(0, 6, 5, b0_tilts_deg=[20.0], val_fraction=0.0)
-  for spec in specs:
-    assert np.degrees(np.arccos(spec.b0_dir[2])) == pytest.approx(20.0)
-  assert len({s.b0_dir for s in specs}) == 6  # random azimuths
-
-
 def test_realistic_model_errors_change_the_field_not_the_truth():
   args = dict(_SPEC_ARGS, snrs=[100.0])
-  clean = pipeline.synthetic_specs(2, 0, 5, **args)
-  realistic = pipeline.synthetic_specs(2, 0, 5, **args, model_errors="realistic")
+  clean = subject_specs.synthetic_specs(2, 0, 5, **args)
+  realistic = subject_specs.synthetic_specs(2, 0, 5, **args, model_errors="realistic")
   assert [s.seed for s in clean] == [s.seed for s in realistic]
   for plain_spec, error_spec in zip(clean, realistic):
     _, plain = pipeline.make_subject(plain_spec)
@@ -200,26 +173,16 @@ def test_realistic_model_errors_change_the_field_not_the_truth():
         subject.field_ppm[given] - error[given] - subject.components["noise_ppm"][given],
         plain.field_ppm[given] - plain.components["noise_ppm"][given], atol=1e-5)
   with pytest.raises(InputError, match="--model_errors"):
-    pipeline.synthetic_specs(1, 0, 5, **args, model_errors="huge")
+    subject_specs.synthetic_specs(1, 0, 5, **args, model_errors="huge")
   with pytest.raises(InputError, match="--model_error_fraction"):
-    pipeline.synthetic_specs(1, 0, 5, **args, model_errors="realistic", model_error_fraction=2)
-
-
-def test_model_error_fraction_draws_per_subject_and_keeps_the_rest():
-  args = dict(_SPEC_ARGS, snrs=[100.0])
-  clean = pipeline.synthetic_specs(40, 0, 3, **args)
-  half = pipeline.synthetic_specs(40, 0, 3, **args, model_errors="realistic",
-                                  model_error_fraction=0.5)
-  with_errors = sum(s.model_errors == "realistic" for s in half)
-  assert 10 <= with_errors <= 30
-  # Everything else about each subject is as without errors.
-  assert [dataclasses.replace(s, model_errors="none") for s in half] == clean
+    subject_specs.synthetic_specs(1, 0, 5, **args, model_errors="realistic",
+                                  model_error_fraction=2)
 
 
 def test_detail_fraction_draws_per_brain_and_keeps_the_rest():
   args = dict(_SPEC_ARGS, snrs=[100.0])
-  clean = pipeline.synthetic_specs(40, 4, 3, **args)
-  half = pipeline.synthetic_specs(40, 4, 3, **args, detail="fine", detail_fraction=0.5)
+  clean = subject_specs.synthetic_specs(40, 4, 3, **args)
+  half = subject_specs.synthetic_specs(40, 4, 3, **args, detail="fine", detail_fraction=0.5)
   fine = [s for s in half if s.detail == "fine"]
   assert 10 <= len(fine) <= 30 and all(s.kind == "brain" for s in fine)  # shapes have no anatomy
   assert [dataclasses.replace(s, detail="none") for s in half] == clean
@@ -228,6 +191,6 @@ def test_detail_fraction_draws_per_brain_and_keeps_the_rest():
   assert subject.meta["phantom"]["detail"]["n_thin_vessels"] >= 80
   assert pipeline.subject_summary((spec, subject))["detail"] == "fine"
   with pytest.raises(InputError, match="--detail"):
-    pipeline.synthetic_specs(1, 0, 5, **args, detail="coarse")
+    subject_specs.synthetic_specs(1, 0, 5, **args, detail="coarse")
   with pytest.raises(InputError, match="--detail_fraction"):
-    pipeline.synthetic_specs(1, 0, 5, **args, detail="fine", detail_fraction=-1)
+    subject_specs.synthetic_specs(1, 0, 5, **args, detail="fine", detail_fraction=-1)

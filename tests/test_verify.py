@@ -12,6 +12,7 @@ import pytest
 
 from data_prep import patches
 from data_prep import pipeline
+from data_prep import subject_specs
 from data_prep import verify
 from qsmgan_tf import data
 from qsmgan_tf import records
@@ -28,7 +29,7 @@ def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("verify")
   out = {}
   for seed in (1, 2):  # the second dataset supplies "foreign" shards
-    specs = pipeline.synthetic_specs(0, 3, seed, val_fraction=0.34, shape=(32, 32, 32))
+    specs = subject_specs.synthetic_specs(0, 3, seed, val_fraction=0.34, shape=(32, 32, 32))
     pipeline.make_dataset(specs, patches.PatchConfig(16, 8, 8), root / f"ds{seed}",
                           pipeline.WriteOptions(train_shards=2, val_shards=1))
     out[seed] = root / f"ds{seed}"
