@@ -1,6 +1,6 @@
 r"""A SavedModel against its re-export by the current code: size, load time, identical outputs.
 
-  python benchmarks/export_reload.py [--model=saved_models/qsmgan/7] [--shape=48,52,44]
+  python benchmarks/export_reload.py [--model=saved_models/qsmgan/8] [--shape=48,52,44]
 
 Re-exports ``--model``'s generator and contract with `exporting.reexport_model` into a
 temporary folder (timed), then loads both SavedModels in this one process, calls their

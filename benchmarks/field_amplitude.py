@@ -1,6 +1,6 @@
 r"""The field amplitude the network was trained at, and what a field off it costs the network.
 
-  python benchmarks/field_amplitude.py [--model=saved_models/qsmgan/7] [--scales=0.5,1,2,3] \
+  python benchmarks/field_amplitude.py [--model=saved_models/qsmgan/8] [--scales=0.5,1,2,3] \
       [--phantoms=brain-850001] [--reference_std_ppm=...]
 
 1. The reference: the robust std (`inference.robust_std`, 1.4826 x MAD) of the field inside

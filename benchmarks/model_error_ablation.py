@@ -1,6 +1,6 @@
 r"""Which model error breaks the refinement: each realistic tuning phantom with its errors one at a time.
 
-  python benchmarks/model_error_ablation.py [--model=saved_models/qsmgan/7] \
+  python benchmarks/model_error_ablation.py [--model=saved_models/qsmgan/8] \
       [--phantoms=brain-850001,brain-850002] [--setting=key=value,...]
 
 For every tuning phantom (`tuning_phantoms.PHANTOMS` and ``EXTENDED``, or those named in

@@ -1,7 +1,7 @@
 r"""Real-data benchmark: every method on the 2016 QSM challenge's in-vivo subject, against COSMOS.
 
   python benchmarks/real_data.py --out_dir=runs/real_data_v4 \
-      [--model=saved_models/qsmgan/7] [--extra='qsmgan:model=RUN/generator_best.keras:label=new']
+      [--model=saved_models/qsmgan/8] [--extra='qsmgan:model=RUN/generator_best.keras:label=new']
 
 The subject (one healthy volunteer, 3 T, measured local field in ppm, brain mask, COSMOS
 reference; B0 along the third axis, from the affine) is read from ``../shared/real/qsm2016``

@@ -1,6 +1,6 @@
 r"""Chooses the refinement parameters of a trained model on its own tuning phantoms.
 
-  python benchmarks/tune_refine.py --model=saved_models/qsmgan/7 [--grid=small|full]
+  python benchmarks/tune_refine.py --model=saved_models/qsmgan/8 [--grid=small|full]
 
 The network runs once per phantom (seeds 850001-850004: a healthy brain, a brain with lesions,
 a brain with B0 tilted 10 deg, a shape phantom; none is in a training set or in the model

@@ -1,6 +1,6 @@
 r"""The shipped model's validation table: five unseen phantoms, every method, one run per case.
 
-  python benchmarks/validate_model.py --model=saved_models/qsmgan/7 \
+  python benchmarks/validate_model.py --model=saved_models/qsmgan/8 \
       --unet_model=RUN_PRETRAIN/generator_final.keras --work_dir=runs/validation
 
 For each case (seeds >= 900000, never used by a training set: dataset seeds derive subject

@@ -2,7 +2,7 @@ r"""Exports a trained generator as a versioned SavedModel for TF Serving.
 
   python -m qsmgan_tf.export --model_dir=runs/cpu_small --export_base=saved_models/qsmgan \
       [--version=3] [--which=best|final] [--refine=mu=0.001,tv_weight=3e-4,reweights=2]
-  python -m qsmgan_tf.export --from_model=saved_models/qsmgan/7 --export_base=saved_models/qsmgan \
+  python -m qsmgan_tf.export --from_model=saved_models/qsmgan/8 --export_base=saved_models/qsmgan \
       --refine=lcurve_stages=0 --version=6
 
 The second form exports an already exported model's generator again with new refinement

@@ -78,8 +78,10 @@ def test_shipped_network_pass_is_scale_equivariant(shipped, phantom):
 
 
 def test_shipped_refinement_records_its_fine_scale_gains(shipped, phantom):
-  """Version 7 weighs the solve's correction per band of |k| by the field's own SNR; the sidecar
-  says how (a clean SNR-100 field keeps its coarse bands whole and drops the finest)."""
+  """Since version 7 the solve's correction is weighed per band of |k| by the field's own SNR;
+  the sidecar says how (a clean SNR-100 field keeps its coarse bands whole and drops the
+  finest). Version 8 solves twice, the second time with Huber weights (``robust_data``), and the
+  sidecar records the threshold."""
   from qsmgan_tf import fine_shrinkage  # pylint: disable=import-outside-toplevel
   path, _, contract = shipped
   assert contract["refine"]["fine_shrinkage"] == 1
@@ -89,3 +91,5 @@ def test_shipped_refinement_records_its_fine_scale_gains(shipped, phantom):
   assert gains.shape == (fine_shrinkage.SHELLS,) and np.all(np.diff(gains) <= 0)
   assert gains[0] > 0.95 and gains[-1] < 0.5
   assert info["refine"]["in_graph"] and info["refine"]["fine_shrinkage_noise_ppm"] > 0
+  assert contract["refine"]["robust_data"] > 0
+  assert info["refine"]["robust_data"] == contract["refine"]["robust_data"]

@@ -41,7 +41,7 @@ Modules (each imports only those above it; this package re-exports their public 
 
 Example:
   chi_ppm, info = inference.reconstruct_qsmgan(field_ppm, mask, (1, 1, 1), (0, 0, 1),
-                                               model="saved_models/qsmgan/7")
+                                               model="saved_models/qsmgan/8")
 """
 
 from qsmgan_tf.inference.backends import (PRECISIONS, GrpcBackend, KerasBackend, RestBackend,
