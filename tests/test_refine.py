@@ -8,6 +8,10 @@ import tensorflow as tf
 from qsmgan_tf import physics
 from qsmgan_tf import physics_tf
 from qsmgan_tf import refine
+from qsmgan_tf.refine import graph as refine_graph
+from qsmgan_tf.refine import lcurve as refine_lcurve
+from qsmgan_tf.refine import statistics as refine_statistics
+from qsmgan_tf.refine import terms as refine_terms
 from qsmgan_tf.classical import operators
 
 _OBLIQUE = (0.25, -0.15, 0.95)
@@ -295,7 +299,7 @@ def test_order_statistics_without_sorting_match_a_sort(values):
   values = values.astype(np.float32)
   ordered = np.sort(values)
   for k in sorted({0, len(values) // 3, len(values) - 2, len(values) - 1} - {-1}):
-    got = [float(v) for v in refine._order_statistics_tf(values, k)]  # pylint: disable=protected-access
+    got = [float(v) for v in refine_statistics._order_statistics_tf(values, k)]  # pylint: disable=protected-access
     assert got == [ordered[k], ordered[min(k + 1, len(values) - 1)]]
 
 
@@ -303,7 +307,7 @@ def test_tf_edge_weights_match_numpy(oblique):
   chi, _, mask = oblique
   for fraction in (0.3, 0.05):
     want = refine.edge_weights(chi, mask, _VOXEL, fraction)
-    got = refine._edge_weights_tf(chi, mask.astype(np.float32), np.float32(_VOXEL),  # pylint: disable=protected-access
+    got = refine_graph._edge_weights_tf(chi, mask.astype(np.float32), np.float32(_VOXEL),  # pylint: disable=protected-access
                                   fraction).numpy()
     np.testing.assert_array_equal(got, want)
 
@@ -317,32 +321,6 @@ def test_tf_residual_matches_numpy(oblique):
   # Semantics of physics.field_residual: the truth explains the field up to the noise, and
   # a constant offset of the field is ignored (de-meaned over the mask).
   assert refine.field_residual(chi, field + 0.5 * mask, mask, _VOXEL, _OBLIQUE) < 0.05
-
-
-def test_params_resolution_order():
-  contract = {"refine": {"mu": 0.01, "iterations": 7}}
-  assert refine.resolve_params(None) == refine.DEFAULTS
-  assert refine.resolve_params(contract) == {**refine.DEFAULTS, "mu": 0.01, "iterations": 7}
-  assert refine.resolve_params(contract, mu=0.5, iterations=None)["mu"] == 0.5
-  assert refine.resolve_params(contract, mu=0.5)["iterations"] == 7
-
-
-@pytest.mark.parametrize("key,value", [("reweights", "x"), ("edge_refresh", "yes"), ("mu", [1])])
-def test_bad_parameter_values_are_named(key, value):
-  with pytest.raises(ValueError, match=f"refinement parameter {key}: bad value"):
-    refine.resolve_params(None, **{key: value})
-
-
-@pytest.mark.parametrize("value", [-1, refine.MAX_FIT_OFFSET + 1])
-def test_fit_offset_out_of_range_is_named(value):
-  with pytest.raises(ValueError, match="refinement parameter fit_offset"):
-    refine.resolve_params(None, fit_offset=value)
-
-
-@pytest.mark.parametrize("bad", ["lsqr", "CG2"])
-def test_unknown_method_is_rejected(bad):
-  with pytest.raises(ValueError, match="unknown refinement"):
-    refine.resolve_method(bad)
 
 
 def test_empty_mask_is_rejected():
@@ -571,7 +549,7 @@ def test_data_erosion_ignores_the_rim_and_keeps_a_mask_it_would_empty(oblique):
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
   grid = operators.Grid(mask, _VOXEL, physics.unit_vector(_OBLIQUE), 0)
-  rim = mask & ~(grid.from_grid(refine._eroded(grid, 2.0), mask) > 0.5)
+  rim = mask & ~(grid.from_grid(refine_terms._eroded(grid, 2.0), mask) > 0.5)
   assert 0 < rim.sum() < mask.sum()
   spoiled = field + np.where(rim, np.random.default_rng(3).normal(0, 0.05, field.shape),
                              0).astype(np.float32)
@@ -628,18 +606,10 @@ def test_lcurve_continuation_keeps_stages_while_steep():
   # (misfit, TV) per L1 weight 1, 2, 4, 8: slopes 1.0, 0.6, 0.2 -> stops after weight 4.
   curve = {1.0: (1.0, 1.0), 2.0: (2.0, 0.5), 4.0: (4.0, 0.5 * 2 ** -0.6),
            8.0: (8.0, 0.5 * 2 ** -0.8)}
-  x, weight, slopes = refine._lcurve_continuation(
+  x, weight, slopes = refine_lcurve._lcurve_continuation(
       1.0, 1.0, lambda tv: tv, lambda x: curve[x], 3, 2.0, 0.5)
   assert (x, weight) == (4.0, 4.0)
   assert slopes == pytest.approx([1.0, 0.6, 0.2])
-
-
-@pytest.mark.parametrize("bad", ["data_erosion_mm=-1", "lcurve_stages=-1", "lcurve_factor=1",
-                                 "lcurve_reweights=0", "fit_level=3", "robust_data=-1"])
-def test_resolve_params_refuses_out_of_range_values(bad):
-  key, value = bad.split("=")
-  with pytest.raises(ValueError, match=key):
-    refine.resolve_params(**{key: value})
 
 
 # --------------------------------------------------------------------------------------------

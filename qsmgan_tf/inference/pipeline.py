@@ -94,7 +94,7 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     rotate_above_deg: B0 tilts (from the model's axis) above this are rotated onto the axis for
       the network and back; None = the largest tilt the model was trained on (its contract).
       The network alone can do better on a rotated field even within its training range
-      (MODEL_CARD.md); the refinement always uses the true B0.
+      (docs/history/MODEL_CARD_log.md); the refinement always uses the true B0.
 
   Returns:
     ``(chi_ppm float32 [X, Y, Z] zero outside the mask, info)``; info holds the model and its
