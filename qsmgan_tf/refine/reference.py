@@ -151,7 +151,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
 
   def solve_weighted(weight):
     """The whole solve (and the L-curve) with data weight ``weight``: ``(x, tv_weight, r)``,
-    ``r`` the map's projected, weighted data residual on the CG grid."""
+    ``r()`` the map's projected, weighted data residual on the CG grid."""
     weight_r = to_residual_grid(weight) if corrected else weight
     # The level's field is the residual grid's on both grids: the small grid's own (its
     # periodic images are close) would leave the CG steps a near-null direction that the
@@ -224,11 +224,12 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
           x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
           lambda x: _lcurve_point(misfit(x), x, m, vs, pairs), lcurve_stages, lcurve_factor,
           lcurve_slope)
-    return x, tv_weight_used, from_residual_grid(residual(x))
+    return x, tv_weight_used, lambda: from_residual_grid(residual(x))
 
-  x, tv_weight_used, r = solve_weighted(weight)
-  if robust_data > 0:
-    x, tv_weight_used, _ = solve_weighted(weight * robust_weights(r, grid.mask, robust_data))
+  x, tv_weight_used, final_residual = solve_weighted(weight)
+  if robust_data > 0:  # the residual (a large-grid FFT pair) only when a second pass uses it
+    x, tv_weight_used, _ = solve_weighted(
+        weight * robust_weights(final_residual(), grid.mask, robust_data))
   chi = grid.from_grid(x.astype(np.float32), mask)
   if int(fine_shrinkage) > 0:
     chi, _ = shrinkage_lib.shrink(chi, np.where(mask, chi_net, 0.0), field_ppm, mask,
