@@ -48,7 +48,7 @@ setup(
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
         # Test-only: qsm-forward (GPL-3.0) is an independent forward model used to check ours;
         # the package never imports it.
-        "test": ["pytest>=8", "qsm-forward==0.32", "grpcio>=1.60"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "qsm-forward==0.32", "grpcio>=1.60"],
     },
     entry_points={
         "console_scripts": [

@@ -221,7 +221,7 @@ def _study():
       for mu in (0.001, 0.003, 0.01, 0.03):
         for iterations in (5, 15, 30):
           t0 = time.perf_counter()
-          out = refine_fn(prior, field, mask.astype(np.float32), b0, voxel, np.float32(mu),
+          out = refine_fn(prior, field, mask.astype(np.float32), voxel, b0, np.float32(mu),
                           np.int32(iterations), np.int32(refine.DEFAULTS["margin"])).numpy()
           print(json.dumps({**base, "mu": mu, "iterations": iterations,
                             "margin": refine.DEFAULTS["margin"], "nrmse": _nrmse(out, chi, mask),
@@ -235,7 +235,7 @@ def _study():
       for margin in (0, 4, 8, 12, 16, 24, 48):
         params = dict(refine.DEFAULTS, margin=margin)
         t0 = time.perf_counter()
-        out = refine_fn(prior, field, mask.astype(np.float32), b0, voxel,
+        out = refine_fn(prior, field, mask.astype(np.float32), voxel, b0,
                         np.float32(params["mu"]), np.int32(params["iterations"]),
                         np.int32(margin)).numpy()
         seconds = time.perf_counter() - t0

@@ -80,8 +80,8 @@ def main(argv):
              "field_noise_ppm": round(refine.field_noise_ppm(sub.field_ppm, sub.mask), 5),
              "network": tuning_phantoms.scores(net, sub.chi_ppm, sub.mask)["nrmse"]}
       for label, params in settings.items():
-        chi = inference.run_refine_tf(net, sub.field_ppm, sub.mask, sub.b0_dir,
-                                      sub.voxel_size_mm, params)
+        chi = inference.run_refine_tf(net, sub.field_ppm, sub.mask, sub.voxel_size_mm,
+                                      sub.b0_dir, params)
         row[label] = tuning_phantoms.scores(chi, sub.chi_ppm, sub.mask)["nrmse"]
       print(json.dumps(row), flush=True)
 

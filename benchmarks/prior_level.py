@@ -76,7 +76,7 @@ def main(argv):
       params = refine.resolve_params(backend.contract, fit_level=level)
       for shift in shifts:
         start = np.where(mask, chi_net + np.float32(shift), 0.0)
-        chi = inference.run_refine_tf(start, volumes["field"], mask, b0, voxel, params)
+        chi = inference.run_refine_tf(start, volumes["field"], mask, voxel, b0, params)
         row = {"case": case, "fit_level": level, "shift_ppm": shift,
                "nrmse": round(metrics.evaluate(chi, volumes["chi"], mask)["nrmse"], 2)}
         rows.append(row)

@@ -224,8 +224,9 @@ def main(argv):
                                           sub.b0_dir)
     for prior_name, (i, setting) in itertools.product(priors, enumerate(settings)):
       t0 = time.perf_counter()
-      chi, tv_used = inference.run_refine_tf(maps[prior_name], sub.field_ppm, mask, sub.b0_dir,
-                                             sub.voxel_size_mm, {**refine.DEFAULTS, **setting},
+      chi, tv_used = inference.run_refine_tf(maps[prior_name], sub.field_ppm, mask,
+                                             sub.voxel_size_mm, sub.b0_dir,
+                                             {**refine.DEFAULTS, **setting},
                                              magnitude=sub.magnitude, return_weight=True)
       dt = time.perf_counter() - t0
       scores = tuning_phantoms.scores(chi, sub.chi_ppm, mask)

@@ -17,7 +17,7 @@ from absl import flags
 
 from data_prep import simulate
 from qsmgan_tf import cli
-from qsmgan_tf import nifti_io
+from qsmgan_tf.errors import InputError
 
 _KIND = flags.DEFINE_enum("kind", "brain", ["brain", "shapes"],
                           "Phantom: warped ICBM152 brain or anatomy-free shapes.")
@@ -47,7 +47,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing subject 
 @cli.one_line_errors
 def main(argv):
   if len(argv) > 1:
-    raise nifti_io.InputError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
   simulate.write_phantom(_KIND.value, _SEED.value, _OUT_DIR.value, subject_id=_SUBJECT_ID.value,
                lesions=_LESIONS.value, b0_dir=_B0_DIR.value, voxel_size_mm=_VOXEL_SIZE.value,
                shape=_SHAPE.value, snr=_SNR.value, background_order=_BACKGROUND_ORDER.value,

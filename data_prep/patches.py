@@ -177,7 +177,7 @@ def canonical_b0(b0_dir: Sequence[float]) -> np.ndarray:
   return b if b[int(np.argmax(np.abs(b)))] > 0 else -b
 
 
-def symmetry_group(b0_dir: Sequence[float], voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
+def symmetry_group(voxel_size_mm: Sequence[float], b0_dir: Sequence[float],
                    b0_change: bool = False, tol: float = 1e-6) -> list[np.ndarray]:
   """Signed axis permutations usable as augmentation for this geometry.
 
@@ -212,8 +212,8 @@ def transform_volume(volume: np.ndarray, matrix: np.ndarray) -> np.ndarray:
   return np.flip(out, flips) if flips else out
 
 
-def transform_geometry(matrix: np.ndarray, b0_dir: Sequence[float],
-                       voxel_size_mm: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def transform_geometry(matrix: np.ndarray, voxel_size_mm: Sequence[float],
+                       b0_dir: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
   """B0 direction (canonical sign) and voxel size after `transform_volume` with ``matrix``."""
   matrix = np.asarray(matrix, dtype=np.float64)
   b0 = canonical_b0(matrix @ physics.unit_vector(b0_dir))
@@ -268,7 +268,7 @@ def patch_pairs(subject, config: PatchConfig, seed: int,
   centres, background = select_centres(mask, config, np.random.default_rng([int(seed), 0x9A7C]))
   voxel = tuple(float(v) for v in subject.voxel_size_mm)
   b0 = physics.unit_vector(subject.b0_dir)
-  group = symmetry_group(b0, voxel, config.b0_change) if config.augment else [np.eye(3, dtype=int)]
+  group = symmetry_group(voxel, b0, config.b0_change) if config.augment else [np.eye(3, dtype=int)]
   if kind is None:
     kind = (getattr(subject, "meta", None) or {}).get("kind", "real")
   snr = float(getattr(subject, "snr", 0.0) or 0.0)
@@ -280,7 +280,7 @@ def patch_pairs(subject, config: PatchConfig, seed: int,
         "mask": crop(mask_u8, centre, config.output_patch, pad),
     }
     arrays = {name: transform_volume(a, matrix) for name, a in arrays.items()}
-    new_b0, new_voxel = transform_geometry(matrix, b0, voxel)
+    new_b0, new_voxel = transform_geometry(matrix, voxel, b0)
     meta = {
         "subject_id": sid,
         "kind": kind,

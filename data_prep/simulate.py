@@ -57,6 +57,7 @@ from data_prep import phantoms as phantoms_lib
 from data_prep import shapes as shapes_lib
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
+from qsmgan_tf.errors import InputError
 
 _log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def cosmos_directions(b0_dir: Sequence[float], tilt_deg: float = COSMOS_TILT_DEG
   return [b, math.cos(t) * b + math.sin(t) * w, math.cos(t) * b - math.sin(t) * u]
 
 
-def cosmos_masked(fields_ppm, b0_dirs, mask: np.ndarray, voxel_size_mm, iterations: int = 4):
+def cosmos_masked(fields_ppm, mask: np.ndarray, voxel_size_mm, b0_dirs, iterations: int = 4):
   """COSMOS from fields known only inside the mask, as in a real acquisition.
 
   The closed form (`physics.cosmos`) treats the zeros outside the mask as measured and errs by
@@ -148,7 +149,7 @@ def cosmos_masked(fields_ppm, b0_dirs, mask: np.ndarray, voxel_size_mm, iteratio
   Returns:
     chi, ppm, float32, 0 outside the mask.
   """
-  chi = np.where(mask, physics.cosmos(fields_ppm, b0_dirs, voxel_size_mm), 0.0).astype(np.float32)
+  chi = np.where(mask, physics.cosmos(fields_ppm, voxel_size_mm, b0_dirs), 0.0).astype(np.float32)
   if int(iterations) <= 0:
     return chi
   # The iterations reuse one set of kernels on physics.cosmos's 2x grid (computing them is the
@@ -302,7 +303,7 @@ def simulate_subject(kind: str, seed: int, shape: Sequence[int] | None = None,
     for direction in dirs[1:]:
       fields.append(np.where(mask, physics.forward_field(chi, vox, direction), 0.0)
                     + noise_draw()[1])
-    cosmos = cosmos_masked(fields, dirs, mask, vox, cosmos_iterations)
+    cosmos = cosmos_masked(fields, mask, vox, dirs, cosmos_iterations)
     # chi is relative: reference the COSMOS map to the truth's mean over the mask.
     cosmos += np.float32(chi[mask].mean() - cosmos[mask].mean())
     target_ppm = np.where(mask, cosmos, 0.0).astype(np.float32)
@@ -360,9 +361,9 @@ def write_subject(subject: Subject, folder, overwrite: bool = False) -> pathlib.
   folder = pathlib.Path(folder)
   parent = folder.parent
   if not parent.is_dir():
-    raise nifti_io.InputError(f"output folder does not exist: {parent}")
+    raise InputError(f"output folder does not exist: {parent}")
   if folder.exists() and not overwrite:
-    raise nifti_io.InputError(f"subject folder already exists (use --overwrite): {folder}")
+    raise InputError(f"subject folder already exists (use --overwrite): {folder}")
   affine = subject_affine(subject.field_ppm.shape, subject.voxel_size_mm, subject.b0_dir)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
   try:
@@ -416,14 +417,14 @@ def parse_numbers(text: str, flag: str, cast=float, positive: bool = True) -> tu
   try:
     values = tuple(cast(v) for v in str(text).replace(" ", "").split(","))
   except ValueError:
-    raise nifti_io.InputError(f"--{flag} must be three numbers a,b,c, got {text!r}") from None
+    raise InputError(f"--{flag} must be three numbers a,b,c, got {text!r}") from None
   if len(values) != 3 or (positive and not all(v > 0 for v in values)):
-    raise nifti_io.InputError(f"--{flag} must be three positive numbers a,b,c, got {text!r}")
+    raise InputError(f"--{flag} must be three positive numbers a,b,c, got {text!r}")
   return values
 
 
 def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None = None,
-                 lesions: bool = False, b0_dir: str = "0,0,1", voxel_size_mm: str = "1,1,1",
+                 lesions: bool = False, voxel_size_mm: str = "1,1,1", b0_dir: str = "0,0,1",
                  shape: str | None = None, snr: float = 100.0, background_order: int = 0,
                  target: str = "chi", overwrite: bool = False, model_errors: str = "none",
                  detail: str = "none"):
@@ -435,15 +436,15 @@ def write_phantom(kind: str, seed: int, out_dir: str, *, subject_id: str | None 
   vox = parse_numbers(voxel_size_mm, "voxel_size_mm")
   grid = parse_numbers(shape, "shape", int) if shape else None
   if snr < 0:
-    raise nifti_io.InputError(f"--snr must be >= 0 (0 = no noise), got {snr}")
+    raise InputError(f"--snr must be >= 0 (0 = no noise), got {snr}")
   if background_order < 0:
-    raise nifti_io.InputError(f"--background_order must be >= 0, got {background_order}")
+    raise InputError(f"--background_order must be >= 0, got {background_order}")
   if model_errors not in model_errors_lib.MODEL_ERROR_MODES:
-    raise nifti_io.InputError("--model_errors must be one of "
+    raise InputError("--model_errors must be one of "
                               f"{', '.join(model_errors_lib.MODEL_ERROR_MODES)}, "
                               f"got {model_errors!r}")
   if detail not in phantoms_lib.DETAIL_MODES:
-    raise nifti_io.InputError(f"--detail must be one of {', '.join(phantoms_lib.DETAIL_MODES)}, "
+    raise InputError(f"--detail must be one of {', '.join(phantoms_lib.DETAIL_MODES)}, "
                               f"got {detail!r}")
   errors = (model_errors_lib.realistic_model_errors(seed) if model_errors == "realistic"
             else None)

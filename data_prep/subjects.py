@@ -38,6 +38,7 @@ from data_prep import simulate
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf import reconstruct
+from qsmgan_tf.errors import InputError
 
 _log = logging.getLogger(__name__)
 
@@ -46,25 +47,25 @@ def read_sidecar(folder) -> dict:
   """Reads and checks ``subject.json``; InputError on a missing, unreadable or invalid file."""
   path = pathlib.Path(folder) / simulate.JSON_FILE
   if not path.is_file():
-    raise nifti_io.InputError(f"{simulate.JSON_FILE} not found in {folder} (it must state "
+    raise InputError(f"{simulate.JSON_FILE} not found in {folder} (it must state "
                               "field_units, and b0_tesla/te_seconds for hz or rad fields)")
   try:
     payload = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-    raise nifti_io.InputError(f"{path} is not valid JSON ({type(exc).__name__})") from None
+    raise InputError(f"{path} is not valid JSON ({type(exc).__name__})") from None
   if not isinstance(payload, dict):
-    raise nifti_io.InputError(f"{path} must hold a JSON object")
+    raise InputError(f"{path} must hold a JSON object")
   if not isinstance(payload.get("field_units"), str):
-    raise nifti_io.InputError(f"{path} must state field_units (ppm, hz or rad)")
+    raise InputError(f"{path} must state field_units (ppm, hz or rad)")
   for key in ("b0_tesla", "te_seconds"):
     value = payload.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-      raise nifti_io.InputError(f"{path}: {key} must be a number, got {value!r}")
+      raise InputError(f"{path}: {key} must be a number, got {value!r}")
   if payload.get("b0_dir") is not None:
     try:
       payload["b0_dir"] = physics.unit_vector(payload["b0_dir"]).tolist()
     except (TypeError, ValueError) as exc:
-      raise nifti_io.InputError(f"{path}: b0_dir must be three numbers x,y,z ({exc})") from None
+      raise InputError(f"{path}: b0_dir must be three numbers x,y,z ({exc})") from None
   return payload
 
 
@@ -82,18 +83,18 @@ def load_subject(folder, target: str | None = None) -> simulate.Subject:
     ``chi_ppm`` is chi_truth.nii.gz when present, else chi.nii.gz.
 
   Raises:
-    nifti_io.InputError: one line naming the folder or file (missing files, shapes that differ,
+    InputError: one line naming the folder or file (missing files, shapes that differ,
       an empty mask, NaN/Inf, units without B0/TE, a bad B0 direction, non-integer labels).
   """
   folder = pathlib.Path(folder)
   if target not in (None,) + simulate.TARGETS:
-    raise nifti_io.InputError(f"unknown target {target!r}; expected one of "
+    raise InputError(f"unknown target {target!r}; expected one of "
                               f"{', '.join(simulate.TARGETS)}")
   if not folder.is_dir():
-    raise nifti_io.InputError(f"subject folder not found: {folder}")
+    raise InputError(f"subject folder not found: {folder}")
   sidecar = read_sidecar(folder)
   if target == "cosmos" and sidecar.get("target") == "chi":
-    raise nifti_io.InputError(f"a COSMOS target was asked for but {folder / simulate.JSON_FILE} "
+    raise InputError(f"a COSMOS target was asked for but {folder / simulate.JSON_FILE} "
                               "says chi.nii.gz is the true chi (target: chi)")
   magnitude_path = folder / simulate.MAGNITUDE_FILE
   inputs = reconstruct.load_inputs(
@@ -116,7 +117,7 @@ def load_subject(folder, target: str | None = None) -> simulate.Subject:
     labels = nifti_io.load_matching(seg_path, shape, "seg")
     seg = np.rint(labels)
     if not np.array_equal(seg, labels) or seg.min() < 0 or seg.max() > np.iinfo(np.int16).max:
-      raise nifti_io.InputError(f"seg must hold non-negative integer labels: {seg_path.name}")
+      raise InputError(f"seg must hold non-negative integer labels: {seg_path.name}")
     seg = seg.astype(np.int16)
   snr = sidecar.get("snr")
   snr = float(snr) if isinstance(snr, (int, float)) and math.isfinite(snr) else None
@@ -141,13 +142,13 @@ def list_subjects(root) -> list[pathlib.Path]:
   """Subject folders (holding subject.json) directly under ``root``, sorted by name.
 
   Raises:
-    nifti_io.InputError: ``root`` is not a folder or holds no subject folder.
+    InputError: ``root`` is not a folder or holds no subject folder.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise nifti_io.InputError(f"subjects folder not found: {root}")
+    raise InputError(f"subjects folder not found: {root}")
   found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                  and (p / simulate.JSON_FILE).is_file())
   if not found:
-    raise nifti_io.InputError(f"no subject folders (with {simulate.JSON_FILE}) in {root}")
+    raise InputError(f"no subject folders (with {simulate.JSON_FILE}) in {root}")
   return found

@@ -14,7 +14,7 @@ a failed export leaves no version folder.
 Signatures (all in ppm; normalisation and output transform are inside the graph):
   * ``serving_default``: ``field_ppm [N, in, in, in, 1]`` -> ``chi_ppm [N, out, out, out, 1]``
     with the patch sizes of the model's contract (64 -> 48 for the paper preset);
-  * ``predict_volume``: a whole volume with mask, B0 direction and voxel size -> refined chi,
+  * ``predict_volume``: a whole volume with mask, voxel size and B0 direction -> refined chi,
     the network's chi and the field residuals: one fully convolutional pass over the mask's
     bounding box, or overlapping Gaussian-blended tiles of it in a `tf.while_loop` when the
     pass would exceed the contract's memory budget (``inference.max_single_pass_voxels``,
@@ -36,7 +36,9 @@ itself, under "Concrete Functions" (a constant folded into the function, not a t
 Written by `tf.saved_model.save` from `SavedModelArchive`: each signature is a concrete function
 traced once (why not ``keras.export.ExportArchive``: see that class).
 
-`load` is the inverse used by inference: ``(loaded SavedModel, contract dict)``.
+`load` is the inverse used by inference: ``(loaded SavedModel, model_contract.ModelContract)``;
+versions and where a model is: `qsmgan_tf.model_location` (re-exported: `list_versions`,
+`resolve_saved_model`).
 """
 
 from __future__ import annotations
@@ -44,37 +46,29 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import shutil
 import tempfile
 from typing import Any
 
 from absl import logging
 
+from qsmgan_tf.model_contract import CONTRACT_FILE, ModelContract, json_ready
+from qsmgan_tf.model_location import list_versions, resolve_saved_model
 from qsmgan_tf.serving import (CONTRACT, CONTRACT_OUTPUT, NETWORK_VOLUME, PATCH_INPUT,
                                PATCH_OUTPUT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, REFINE,
                                SERVING_DEFAULT)
 from qsmgan_tf.errors import InputError
 
-CONTRACT_ASSET = "contract.json"
+CONTRACT_ASSET = CONTRACT_FILE
 VOLUME_SIGNATURES = [SERVING_DEFAULT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, NETWORK_VOLUME,
                      REFINE, CONTRACT]
 PATCH_SIGNATURES = [SERVING_DEFAULT, CONTRACT]
 TEMP_PREFIX = ".tmp-"
-_VERSION_RE = re.compile(r"^[0-9]+$")
 
 
 # --------------------------------------------------------------------------------------
 # Versions
 # --------------------------------------------------------------------------------------
-def list_versions(export_base) -> list[int]:
-  """Integer version folders under ``export_base`` (what TF Serving would see), sorted."""
-  base = pathlib.Path(export_base)
-  if not base.is_dir():
-    return []
-  return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
-
-
 def next_version(export_base) -> int:
   """Newest existing version + 1, or 1 for an empty or missing base."""
   versions = list_versions(export_base)
@@ -97,58 +91,32 @@ def check_version(export_base, version: int | None) -> int:
   return version
 
 
-def resolve_saved_model(path) -> pathlib.Path:
-  """A version folder, or a model base path (then its newest version).
-
-  Raises:
-    InputError: no SavedModel there.
-  """
-  path = pathlib.Path(path)
-  if (path / "saved_model.pb").is_file():
-    return path
-  versions = list_versions(path)
-  if versions and (path / str(versions[-1]) / "saved_model.pb").is_file():
-    return path / str(versions[-1])
-  raise InputError(f"no SavedModel in {path} (expected saved_model.pb or integer version "
-                   f"folders holding one)")
-
-
 # --------------------------------------------------------------------------------------
 # Contract
 # --------------------------------------------------------------------------------------
-def patch_sizes(contract: dict[str, Any]) -> tuple[int, int]:
+def patch_sizes(contract) -> tuple[int, int]:
   """``(input_patch, output_patch)`` voxels of the contract's generator.
 
   Raises:
     InputError: the contract describes no generator.
   """
-  # Not at the top: inference loads TensorFlow and imports this module.
-  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
-  geometry = inference.network_geometry(contract)
-  return geometry["input_patch"], geometry["output_patch"]
+  contract = ModelContract.of(contract)
+  return contract.input_patch, contract.output_patch
 
 
-def read_contract(model_dir) -> dict[str, Any]:
-  """Reads ``<model_dir>/contract.json``.
+def read_contract(model_dir) -> ModelContract:
+  """Reads ``<model_dir>/contract.json`` (a training folder's).
 
   Raises:
     InputError: missing or not valid JSON.
   """
-  path = pathlib.Path(model_dir) / "contract.json"
+  path = pathlib.Path(model_dir) / CONTRACT_FILE
   if not path.is_file():
-    raise InputError(f"model_dir has no contract.json: {model_dir}")
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except ValueError as exc:
-    raise InputError(f"contract.json is not valid JSON: {path} ({exc})") from None
+    raise InputError(f"model_dir has no {CONTRACT_FILE}: {model_dir}")
+  return ModelContract.read(path)
 
 
-def _json_ready(value):
-  """Round-trips through JSON so the contract holds only str/int/float/bool/None/list/dict."""
-  return json.loads(json.dumps(value, sort_keys=True))
-
-
-def serving_contract(contract: dict[str, Any], **export_info) -> dict[str, Any]:
+def serving_contract(contract, **export_info) -> dict[str, Any]:
   """The contract that ships with an export: training's contract plus export facts.
 
   Adds ``refine`` defaults when training did not record them, the ``inference`` tiling
@@ -167,11 +135,11 @@ def serving_contract(contract: dict[str, Any], **export_info) -> dict[str, Any]:
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
 
-  out = _json_ready(contract)
+  out = ModelContract.of(contract).to_dict()
   out.setdefault("refine", dict(refine.DEFAULTS))
   out["inference"] = inference.tiling_params(out)
   out.setdefault("units", {"field": "ppm of B0", "chi": "ppm"})
-  out["export"] = _json_ready({
+  out["export"] = json_ready({
       "code_version": qsmgan_tf.__version__,
       "tensorflow_version": tf.__version__,
       "keras_version": keras.__version__,
@@ -227,6 +195,7 @@ def build_archive(generator, contract: dict[str, Any], asset_dir,
     raise InputError(f"generator maps a {size_in}^3 patch to {produced[1:4]}, but the contract "
                      f"says {size_out}^3")
   asset_path = pathlib.Path(asset_dir) / CONTRACT_ASSET
+  contract = ModelContract.of(contract).to_dict()  # plain JSON: it is traced into `contract_fn`
   asset_path.write_text(json.dumps(contract, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
   @tf.function(input_signature=[tf.TensorSpec([None, size_in, size_in, size_in, 1], tf.float32,
@@ -355,14 +324,12 @@ def _float32_generator_with(weights: dict[str, Any], contract: dict[str, Any], s
   """
   import keras  # pylint: disable=import-outside-toplevel
 
-  # Not at the top: inference loads TensorFlow and imports this module.
-  from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
   previous = keras.config.dtype_policy()
   keras.config.set_dtype_policy("float32")
   try:
     generator = networks.build_generator(
-        networks.GeneratorConfig.from_dict(inference.generator_config(contract)))
+        networks.GeneratorConfig.from_dict(ModelContract.of(contract).generator))
   finally:
     keras.config.set_dtype_policy(previous)
   missing = [w.path for w in generator.weights if w.path not in weights
@@ -375,7 +342,7 @@ def _float32_generator_with(weights: dict[str, Any], contract: dict[str, Any], s
   return generator
 
 
-def generator_from_saved_model(path) -> tuple[Any, dict[str, Any]]:
+def generator_from_saved_model(path) -> tuple[Any, ModelContract]:
   """(Keras generator, contract) rebuilt from an exported SavedModel: the architecture from
   its contract (float32), the weights from its variables, matched by their Keras paths.
 
@@ -388,7 +355,7 @@ def generator_from_saved_model(path) -> tuple[Any, dict[str, Any]]:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   version = resolve_saved_model(path)
-  contract = read_contract(version / "assets")
+  contract = ModelContract.read(version)
   loaded = tf.saved_model.load(str(version))
   # `_all_variables`: every export since the first; `variables` only as a fallback (this
   # package's exports no longer carry that attribute).
@@ -418,7 +385,8 @@ def parse_refine(text: str | None) -> dict[str, Any]:
   return out
 
 
-def _with_inference(contract: dict[str, Any], inference_params: dict[str, Any] | None):
+def _with_inference(contract: ModelContract, inference_params: dict[str, Any] | None
+                    ) -> ModelContract:
   """``contract`` with ``inference_params`` over its ``inference`` entry (checked).
 
   Raises:
@@ -427,7 +395,7 @@ def _with_inference(contract: dict[str, Any], inference_params: dict[str, Any] |
   # Not at the top: inference loads TensorFlow and imports this module.
   from qsmgan_tf import inference  # pylint: disable=import-outside-toplevel
   if inference_params:
-    contract["inference"] = {**(contract.get("inference") or {}), **inference_params}
+    contract = contract.replace(inference={**contract.inference, **inference_params})
     inference.tiling_params(contract)
   return contract
 
@@ -445,7 +413,7 @@ def export_model(model_dir, export_base, version: int | None = None, which: str 
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
   contract = _with_inference(read_contract(model_dir), inference_params)
   if refine_params:
-    contract["refine"] = {**refine.resolve_params(contract), **refine_params}
+    contract = contract.replace(refine={**refine.resolve_params(contract), **refine_params})
   check_version(export_base, version)  # fail before the slow part
   generator = float32_generator(load_generator(model_dir, which), contract)
   return export_generator(generator, contract, export_base, version,
@@ -469,19 +437,20 @@ def reexport_model(source, export_base, version: int | None = None,
   from qsmgan_tf import refine  # pylint: disable=import-outside-toplevel
   source_version = resolve_saved_model(source)
   check_version(export_base, version)  # fail before the slow part
-  _with_inference({}, inference_params)  # likewise
+  _with_inference(ModelContract.of(None), inference_params)  # likewise
   generator, contract = generator_from_saved_model(source_version)
   contract = _with_inference(contract, inference_params)
-  contract["refine"] = {**refine.resolve_params(contract), **(refine_params or {})}
-  previous = contract.pop("export", {}) or {}
+  previous = contract.export
+  contract = contract.replace(
+      refine={**refine.resolve_params(contract), **(refine_params or {})}, export=None)
   return export_generator(generator, contract, export_base, version,
                           source=f"re-export of {source_version} (version "
                                  f"{previous.get('version', '?')}, "
                                  f"{previous.get('source', 'its generator')})")
 
 
-def load(path) -> tuple[Any, dict[str, Any]]:
-  """Loads an exported model: ``(tf.saved_model.load object, contract dict)``.
+def load(path) -> tuple[Any, ModelContract]:
+  """Loads an exported model: ``(tf.saved_model.load object, its contract)``.
 
   Args:
     path: a version folder or a model base path (newest version).
@@ -497,4 +466,4 @@ def load(path) -> tuple[Any, dict[str, Any]]:
     raise InputError(f"SavedModel has no '{CONTRACT}' signature (not exported by "
                      f"qsmgan_tf.export?): {path}")
   text = loaded.signatures[CONTRACT]()[CONTRACT_OUTPUT].numpy().decode("utf-8")
-  return loaded, json.loads(text)
+  return loaded, ModelContract.parse(text)

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
+from qsmgan_tf.errors import InputError
 
 # Radial band edges of `spectral_bands`, cycles/mm (0.5 is Nyquist at 1 mm), and the cone.
 BAND_EDGES_CYCLES_PER_MM = (0.05, 0.1, 0.2, 0.3)
@@ -51,12 +51,12 @@ def _prepare(chi_ppm, truth_ppm, mask, demean: bool):
   truth = np.asarray(truth_ppm, dtype=np.float64)
   mask = np.asarray(mask).astype(bool)
   if chi.ndim != 3 or chi.shape != truth.shape or chi.shape != mask.shape:
-    raise nifti_io.InputError(f"shape mismatch: map {chi.shape}, truth {truth.shape}, "
+    raise InputError(f"shape mismatch: map {chi.shape}, truth {truth.shape}, "
                               f"mask {mask.shape}; all must be the same 3D shape")
   if not mask.any():
-    raise nifti_io.InputError("mask is empty")
+    raise InputError("mask is empty")
   if not np.isfinite(truth[mask]).all():
-    raise nifti_io.InputError("truth has NaN or infinite values inside the mask")
+    raise InputError("truth has NaN or infinite values inside the mask")
   chi = np.where(mask & np.isfinite(chi), chi, 0.0)
   truth = np.where(mask, truth, 0.0)
   if demean:
@@ -84,7 +84,7 @@ def psnr(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray) -> float:
     PSNR in dB; ``inf`` for a map identical to the truth up to a constant.
 
   Raises:
-    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+    InputError: shapes differ, empty mask, non-finite truth in the mask.
   """
   chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean=True)
   return _psnr_prepared(chi, truth, mask)
@@ -107,7 +107,7 @@ def contrast_slope(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray)
     The slope (dimensionless); NaN when the truth is constant in the mask.
 
   Raises:
-    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+    InputError: shapes differ, empty mask, non-finite truth in the mask.
   """
   chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean=True)
   x, y = chi[mask], truth[mask]
@@ -137,7 +137,7 @@ def fine_energy_fraction(chi_ppm: np.ndarray, mask: np.ndarray,
   0.2 cycles/mm (wavelengths under 5 mm); smooth maps keep almost all of it below.
 
   Raises:
-    nifti_io.InputError: shapes differ, empty mask, non-finite values in the mask.
+    InputError: shapes differ, empty mask, non-finite values in the mask.
   """
   chi, _, mask = _prepare(chi_ppm, chi_ppm, mask, demean=False)
   power = np.abs(_spectrum(chi, mask))**2
@@ -164,7 +164,7 @@ def spectral_bands(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray,
   in every band.
 
   Raises:
-    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+    InputError: shapes differ, empty mask, non-finite truth in the mask.
   """
   chi, truth, mask = _prepare(chi_ppm, truth_ppm, mask, demean=False)
   x, y = _spectrum(chi, mask), _spectrum(truth, mask)
@@ -219,7 +219,7 @@ def evaluate(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray,
     ``{'labels': {id: name}, 'recon': {id: stats}, 'truth': {id: stats}}``.
 
   Raises:
-    nifti_io.InputError: shapes differ, empty mask, non-finite truth in the mask.
+    InputError: shapes differ, empty mask, non-finite truth in the mask.
   """
   from qsm_ci import qsm_eval  # pylint: disable=import-outside-toplevel
 
@@ -227,7 +227,7 @@ def evaluate(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray,
   if seg is not None:
     seg = np.asarray(seg)
     if seg.shape != mask.shape:
-      raise nifti_io.InputError(f"segmentation shape {seg.shape} does not match {mask.shape}")
+      raise InputError(f"segmentation shape {seg.shape} does not match {mask.shape}")
     seg = seg.astype(np.int32)
   # Coverage is QSM-CI's count of finite, non-zero voxels: take it from the map as given, since
   # de-meaning makes zeros (dropped voxels) non-zero.

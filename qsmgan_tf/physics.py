@@ -390,13 +390,20 @@ def field_residual(chi_ppm: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
   return float(np.linalg.norm(model - meas) / max(np.linalg.norm(meas), 1e-30))
 
 
-def cosmos(fields_ppm: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]],
-           voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0), floor: float = 1e-3,
+def cosmos(fields_ppm: Sequence[np.ndarray], voxel_size_mm: Sequence[float],
+           b0_dirs: Sequence[Sequence[float]], floor: float = 1e-3,
            pad_factor: float = 2.0) -> np.ndarray:
   """COSMOS susceptibility (ppm) from N >= 3 co-registered fields (ppm).
 
   ``chi(k) = sum_n D_n(k) field_n(k) / max(sum_n D_n(k)^2, floor)``, all fields on one voxel
   grid with their own B0 directions in that grid's frame.
+
+  Args:
+    fields_ppm: N co-registered local fields, ppm of B0.
+    voxel_size_mm: voxel size of the common grid, mm.
+    b0_dirs: N B0 directions in the voxel frame, one per field.
+    floor: lower bound of ``sum_n D_n(k)^2``.
+    pad_factor: FFT padding factor.
 
   Raises:
     ValueError: fewer than 3 orientations, or fields of different shapes.

@@ -44,8 +44,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from qsmgan_tf import reconstruct
+from qsmgan_tf.errors import InputError
+
 _METHOD = flags.DEFINE_enum(
-    "method", None, ["tkd", "cfl2", "ilsqr", "medi", "tv", "qsmgan"],
+    "method", None, list(reconstruct.METHOD_NAMES),
     "Reconstruction method.")
 _FIELD = flags.DEFINE_string("field", None, "Local (tissue) field NIfTI, in --field_units.")
 _MASK = flags.DEFINE_string("mask", None, "Mask NIfTI (field's shape; non-zero = inside).")
@@ -92,8 +95,6 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def _check_output(output: str, inputs) -> None:
   """Bad output paths fail before any work is done."""
-  from qsmgan_tf.errors import InputError  # pylint: disable=import-outside-toplevel
-
   if not output.endswith(_NIFTI_SUFFIXES):
     raise InputError(f"--output must end in .nii or .nii.gz, got {os.path.basename(output)}")
   folder = os.path.dirname(output) or "."
@@ -135,12 +136,11 @@ def predict(method: str, field: str, mask: str, output: str, field_units: str = 
     The sidecar dict.
 
   Raises:
-    nifti_io.InputError: bad input (nothing is written).
+    InputError: bad input (nothing is written).
   """
   # pylint: disable=import-outside-toplevel
   import qsmgan_tf
   from qsmgan_tf import nifti_io
-  from qsmgan_tf import reconstruct
 
   _check_output(output, (field, mask, magnitude))
   t0 = time.perf_counter()

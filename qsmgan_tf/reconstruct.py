@@ -21,11 +21,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qsmgan_tf import classical
 from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
+from qsmgan_tf.errors import InputError
 
-METHOD_NAMES = ("tkd", "cfl2", "ilsqr", "medi", "tv", "qsmgan")
-CLASSICAL_METHODS = METHOD_NAMES[:-1]
+CLASSICAL_METHODS = tuple(classical.METHODS)
+METHOD_NAMES = CLASSICAL_METHODS + ("qsmgan",)
 REFERENCES = ("mask_mean", "none")
 
 # Classical parameters that the CLI fills from --b0_tesla/--te_seconds when a method has them.
@@ -47,7 +49,7 @@ def apply_reference(chi_ppm: np.ndarray, mask: np.ndarray, reference: str = "mas
     (chi float32, offset_ppm): the map and the value subtracted inside the mask.
   """
   if reference not in REFERENCES:
-    raise nifti_io.InputError(f"unknown reference {reference!r}; expected one of "
+    raise InputError(f"unknown reference {reference!r}; expected one of "
                               f"{', '.join(REFERENCES)}")
   mask = np.asarray(mask).astype(bool)
   chi = np.where(mask, np.asarray(chi_ppm, dtype=np.float32), np.float32(0.0))
@@ -87,12 +89,12 @@ def run_method(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     and, for 'qsmgan', the network's own info under ``method_info``.
 
   Raises:
-    nifti_io.InputError: unknown method, reference or parameter, or bad inputs.
+    InputError: unknown method, reference or parameter, or bad inputs.
   """
   if name not in METHOD_NAMES:
-    raise nifti_io.InputError(f"unknown method {name!r}; expected one of {', '.join(METHOD_NAMES)}")
+    raise InputError(f"unknown method {name!r}; expected one of {', '.join(METHOD_NAMES)}")
   if reference not in REFERENCES:
-    raise nifti_io.InputError(f"unknown reference {reference!r}; expected one of "
+    raise InputError(f"unknown reference {reference!r}; expected one of "
                               f"{', '.join(REFERENCES)}")
   b0 = physics.unit_vector(b0_dir)
   mask = np.asarray(mask).astype(bool)
@@ -111,7 +113,6 @@ def run_method(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     info["parameters"] = kwargs
     info["method_info"] = method_info
   else:
-    from qsmgan_tf import classical  # pylint: disable=import-outside-toplevel
 
     chi = classical.reconstruct(name, field_ppm, mask, voxel_size_mm, b0, magnitude=magnitude,
                                 params=params)
@@ -171,15 +172,15 @@ def check_units(field_units: str, b0_tesla: float | None = None,
   """Validates a field unit with its acquisition parameters; returns ppm per unit.
 
   Raises:
-    nifti_io.InputError: unknown unit, or B0 (hz, rad) / TE (rad) missing or not positive.
+    InputError: unknown unit, or B0 (hz, rad) / TE (rad) missing or not positive.
   """
   for value, flag in ((b0_tesla, "--b0_tesla"), (te_seconds, "--te_seconds")):
     if value is not None and not (np.isfinite(value) and value > 0):
-      raise nifti_io.InputError(f"{flag} must be positive, got {value}")
+      raise InputError(f"{flag} must be positive, got {value}")
   try:
     return float(physics.to_ppm(np.float64(1.0), field_units, b0_tesla, te_seconds))
   except ValueError as exc:
-    raise nifti_io.InputError(str(exc)) from None
+    raise InputError(str(exc)) from None
 
 
 def load_inputs(field_path, mask_path, field_units: str = "ppm", b0_tesla: float | None = None,
@@ -204,7 +205,7 @@ def load_inputs(field_path, mask_path, field_units: str = "ppm", b0_tesla: float
     The validated `Inputs`.
 
   Raises:
-    nifti_io.InputError: with a one-line message naming the file.
+    InputError: with a one-line message naming the file.
   """
   ppm_per_unit = check_units(field_units, b0_tesla, te_seconds)
   given_b0 = None
@@ -215,7 +216,7 @@ def load_inputs(field_path, mask_path, field_units: str = "ppm", b0_tesla: float
       try:
         given_b0 = physics.unit_vector(b0_dir)
       except ValueError as exc:
-        raise nifti_io.InputError(f"--b0_dir: {exc}") from None
+        raise InputError(f"--b0_dir: {exc}") from None
   field, img = nifti_io.load_field(field_path)
   mask = nifti_io.load_mask(mask_path, field.shape)
   magnitude = None
@@ -242,7 +243,6 @@ def acquisition_params(name: str, b0_tesla: float | None,
   """The acquisition parameters (B0, TE) that classical method ``name`` takes, where given."""
   if name not in CLASSICAL_METHODS:
     return {}
-  from qsmgan_tf import classical  # pylint: disable=import-outside-toplevel
 
   given = {"b0_tesla": b0_tesla, "te_seconds": te_seconds}
   return {k: float(given[k]) for k in _ACQUISITION_PARAMS

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from qsmgan_tf.errors import InputError
+from qsmgan_tf.model_contract import ModelContract
 
 # Signature and tensor names: `export` writes them, these clients send them.
 SERVING_DEFAULT = "serving_default"
@@ -157,19 +158,19 @@ class GrpcClient:
             "signature_name": response.model_spec.signature_name or signature_name}
     return outputs, meta
 
-  def contract(self) -> dict[str, Any]:
+  def contract(self) -> ModelContract:
     """The served model's contract (patch sizes, normalisation, dipole sign, ...)."""
     outputs, _ = self.predict(CONTRACT, {})
     return parse_contract(outputs[CONTRACT_OUTPUT])
 
 
-def parse_contract(value) -> dict[str, Any]:
-  """The ``contract`` signature's string tensor (bytes or str) -> dict."""
+def parse_contract(value) -> ModelContract:
+  """The ``contract`` signature's string tensor (bytes or str) -> its `ModelContract`."""
   if isinstance(value, np.ndarray):
     value = value.reshape(-1)[0] if value.size else b""
   if isinstance(value, bytes):
     value = value.decode("utf-8")
-  return json.loads(value)
+  return ModelContract.parse(value)
 
 
 def predict_volume_grpc(client: GrpcClient | str, field_ppm, mask, voxel_size_mm: Sequence[float],
@@ -375,7 +376,7 @@ class RestClient:
                            row_format)
     return parse_rest_response(self.post(body), PATCH_OUTPUT)
 
-  def contract(self) -> dict[str, Any]:
+  def contract(self) -> ModelContract:
     """The served model's contract, from its zero-input ``contract`` signature."""
     payload = self.post({"signature_name": CONTRACT, "inputs": {}})
     if "error" in payload:

@@ -53,9 +53,9 @@ _N_CRITIC = flags.DEFINE_integer("n_critic", None, "Critic updates per generator
 _LAMBDA_ADV = flags.DEFINE_float("lambda_adv", None, "Adversarial weight relative to L1 (1e-2).")
 _GRAD_WEIGHT = flags.DEFINE_float("gradient_loss_weight", None, "Weight of the finite-"
                                   "difference gradient L1 term (0 = off).")
-_OUTPUT_TRANSFORM = flags.DEFINE_enum("output_transform", None,
-                                      ["linear", "tanh", "scaled_tanh"],
-                                      "Override the preset's output transform.")
+_OUTPUT_TRANSFORM = flags.DEFINE_string(
+    "output_transform", None, "Override the preset's output transform: a name in "
+    "networks.OUTPUT_TRANSFORMS (checked before anything is written).")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Generator .keras file, model_dir or "
                                  "exported SavedModel (e.g. saved_models/qsmgan) to start from "
                                  "(e.g. a pretrained U-Net for --stage=wgan_gp).")

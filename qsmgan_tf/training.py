@@ -169,8 +169,8 @@ def train(config: TrainConfig, datasets: tuple | None = None,
   data_info = _manifest_info(config.data_dir) if datasets is None else {}
   if chief:
     nifti_io.write_json(os.path.join(model_dir, "flags.json"), config.to_dict())
-    nifti_io.write_json(os.path.join(model_dir, "contract.json"),
-                        build_contract(gen_config, critic_config, config, data_info, precision))
+    build_contract(gen_config, critic_config, config, data_info, precision).write(
+        os.path.join(model_dir, "contract.json"))
 
   with strategy.scope():
     generator = networks.build_generator(gen_config)

@@ -8,20 +8,21 @@ says about the data), atomic .keras saves (`save_keras_atomic`), each stage's ch
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import pathlib
 from typing import Any
 
 import keras
+from absl import logging
 
 import qsmgan_tf
 from qsmgan_tf import distribute
 from qsmgan_tf import exporting
+from qsmgan_tf import model_location
 from qsmgan_tf import networks
 from qsmgan_tf import nifti_io
 from qsmgan_tf import records
 from qsmgan_tf.errors import InputError
+from qsmgan_tf.model_contract import ModelContract
 from qsmgan_tf.training_config import TrainConfig
 
 DIPOLE_CONVENTION = ("D(k) = 1/3 - (k.b0)^2/|k|^2, D(0) = 0: a paramagnetic source gives a "
@@ -55,11 +56,11 @@ def _manifest_info(data_dir) -> dict[str, Any]:
 
 def build_contract(gen_config: networks.GeneratorConfig, critic_config: networks.CriticConfig,
                    config: TrainConfig, data_info: dict[str, Any], precision: str
-                   ) -> dict[str, Any]:
+                   ) -> ModelContract:
   """The model's contract (docs/conventions.md, Models): everything a user of the weights needs."""
   voxel_sizes = data_info.get("voxel_sizes_mm") or [[1.0, 1.0, 1.0]]
   b0_dirs = data_info.get("b0_dirs") or [[0.0, 0.0, 1.0]]
-  return {
+  return ModelContract.from_dict({
       "generator": gen_config.to_dict(),
       "critic": critic_config.to_dict(),
       "input_patch": gen_config.input_patch,
@@ -81,35 +82,25 @@ def build_contract(gen_config: networks.GeneratorConfig, critic_config: networks
       **{k: v for k, v in data_info.items() if k not in ("voxel_sizes_mm",)},
       "code_version": qsmgan_tf.__version__,
       "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
+  })
 
 
-def _load_init_generator(path: str) -> tuple[keras.Model, dict | None]:
-  """(generator, contract or None) from a .keras file, a training model_dir, or an exported
-  SavedModel (a version folder or a model base path such as saved_models/qsmgan)."""
-  p = pathlib.Path(path)
-  contract = None
-  if (p / "saved_model.pb").exists() or exporting.list_versions(p):
-    try:
-      return exporting.generator_from_saved_model(p)
-    except InputError as exc:
-      raise InputError(f"--init_from {exc}") from None
-  if p.is_dir():
-    if (p / "contract.json").exists():
-      contract = json.loads((p / "contract.json").read_text())
-    for name in ("generator_final.keras", "generator_best.keras"):
-      if (p / name).exists():
-        p = p / name
-        break
-    else:
-      raise InputError(f"--init_from folder has no generator_final.keras or "
-                       f"generator_best.keras: {path}")
-  if not p.exists():
-    raise InputError(f"--init_from not found: {path}")
+def _load_init_generator(path: str) -> tuple[keras.Model, ModelContract | None]:
+  """(generator, contract or None) from what ``--init_from`` names: a .keras file, a training
+  folder (its generator as `model_location.GENERATOR_FILES` order them, best first) or an
+  exported SavedModel (a version folder or a model base path such as saved_models/qsmgan)."""
   try:
-    model = keras.models.load_model(p, compile=False)
+    location = model_location.resolve_model(path)
+    if location.kind == "saved_model":
+      return exporting.generator_from_saved_model(location.path)
+  except InputError as exc:
+    raise InputError(f"--init_from {exc}") from None
+  contract = location.contract() if location.contract_path else None
+  try:
+    model = keras.models.load_model(location.path, compile=False)
   except Exception as exc:  # pylint: disable=broad-except
     raise InputError(f"--init_from is not a loadable .keras generator: {path} ({exc})") from None
+  logging.info("--init_from: generator %s", location.path)
   return model, contract
 
 

@@ -2,14 +2,16 @@
 analytic and independent-implementation checks of TKD, closed-form L2, the operators and the
 solvers. Bounds are pinned from measured values with margin (see BUILD.md, classical)."""
 
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg
 
 from qsmgan_tf import classical
-from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
+from qsmgan_tf.errors import InputError
 
 _SHAPE = (40, 40, 40)
 
@@ -209,9 +211,33 @@ def test_reconstruct_runs_the_method_unreferenced_and_validates(phantom):
   for override, message in bad:
     kwargs = dict(name="tkd", field_ppm=p["field"], mask=p["mask"])
     kwargs.update(override)
-    with pytest.raises(nifti_io.InputError, match=message):
+    with pytest.raises(InputError, match=message):
       classical.reconstruct(**kwargs)
   nan_field = p["field"].copy()
   nan_field[tuple(np.argwhere(p["mask"])[0])] = np.nan
-  with pytest.raises(nifti_io.InputError, match="NaN"):
+  with pytest.raises(InputError, match="NaN"):
     classical.reconstruct("cfl2", nan_field, p["mask"])
+
+
+def test_a_new_method_is_one_module_found_by_name(tmp_path, monkeypatch):
+  """docs/design.md, "Where to add things": a module in the package that names its METHOD is
+  registered (here one written to a folder added to the package's path), in TABLE_RANK order."""
+  assert list(classical.METHODS) == ["tkd", "cfl2", "ilsqr", "medi", "tv"]
+  (tmp_path / "zero_fill.py").write_text(
+      "import numpy as np\n"
+      "METHOD = 'zero_fill'\nTABLE_RANK = 15\nDEFAULTS = {'level': 0.0}\n"
+      "def zero_fill(field_ppm, mask, voxel_size_mm=(1, 1, 1), b0_dir=(0, 0, 1), magnitude=None,\n"
+      "              level=0.0):\n"
+      "  return np.where(mask, np.float32(level), np.float32(0))\n")
+  monkeypatch.setattr(classical, "__path__", [*classical.__path__, str(tmp_path)])
+  monkeypatch.delitem(sys.modules, "qsmgan_tf.classical.zero_fill", raising=False)
+  methods, defaults = classical._registry()  # pylint: disable=protected-access
+  assert list(methods) == ["tkd", "zero_fill", "cfl2", "ilsqr", "medi", "tv"]
+  assert defaults["zero_fill"] == {"level": 0.0}
+  monkeypatch.setattr(classical, "METHODS", methods)
+  monkeypatch.setattr(classical, "DEFAULTS", defaults)
+  mask = np.ones((4, 4, 4), bool)
+  chi = classical.reconstruct("zero_fill", np.zeros((4, 4, 4), np.float32), mask,
+                              params={"level": 0.5})
+  np.testing.assert_array_equal(chi, 0.5)
+  sys.modules.pop("qsmgan_tf.classical.zero_fill", None)

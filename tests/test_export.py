@@ -123,7 +123,7 @@ def test_predict_volume_equals_inference_local_path(exported, loaded):
   b0, voxel = np.float32([0.0, 0.6, 0.8]), np.float32([1.0, 1.0, 1.2])
   served = model.signatures["predict_volume"](field_ppm=field, mask=mask, b0_dir=b0,
                                               voxel_size_mm=voxel)
-  local = inference.make_predict_volume_fn(generator, served_contract)(field, mask, b0, voxel)
+  local = inference.make_predict_volume_fn(generator, served_contract)(field, mask, voxel, b0)
   assert set(served) == set(local)
   for key in local:
     np.testing.assert_allclose(served[key].numpy(), local[key].numpy(), atol=1e-5, err_msg=key)

@@ -9,11 +9,11 @@ import pytest
 import scipy.ndimage
 
 from qsmgan_tf import inference
+from qsmgan_tf import model_location
 from qsmgan_tf import networks
 from qsmgan_tf import physics
 from qsmgan_tf import refine
 from qsmgan_tf.errors import InputError
-from qsmgan_tf.inference import backends
 from qsmgan_tf.inference import graph
 from qsmgan_tf.inference import window
 
@@ -90,14 +90,14 @@ def test_network_volume_fn_traces_once_for_any_shape(tiny):
 def test_predict_volume_fn_outputs(tiny):
   _, field, mask = _phantom(b0=_OBLIQUE)
   fn = inference.make_predict_volume_fn(tiny, _CONTRACT)
-  out = fn(field, mask.astype(np.float32), np.float32(_OBLIQUE), np.float32([1, 1, 1]))
+  out = fn(field, mask.astype(np.float32), np.float32([1, 1, 1]), np.float32(_OBLIQUE))
   assert set(out) == {"chi_ppm", "chi_net_ppm", "tv_weight_used", "residual_before",
                       "residual_after"}
   want = refine.refine_cg(out["chi_net_ppm"].numpy(), field, mask, (1, 1, 1), _OBLIQUE)
   np.testing.assert_allclose(out["chi_ppm"].numpy(), want, atol=1e-4 * np.abs(want).max())
   assert float(out["residual_after"]) < float(out["residual_before"])
   ref = inference.make_refine_fn(_CONTRACT)(out["chi_net_ppm"], field, mask.astype(np.float32),
-                                            np.float32(_OBLIQUE), np.float32([1, 1, 1]))
+                                            np.float32([1, 1, 1]), np.float32(_OBLIQUE))
   np.testing.assert_allclose(ref["chi_ppm"].numpy(), out["chi_ppm"].numpy(), atol=1e-6)
 
 
@@ -165,7 +165,7 @@ def test_network_volume_fn_tiles_beyond_the_budget(tiny):
 
 def test_predict_volume_fn_with_tiles(tiny):
   _, field, mask = _phantom((30, 34, 28))
-  args = (field, mask.astype(np.float32), np.float32([0, 0, 1]), np.float32([1, 1, 1]))
+  args = (field, mask.astype(np.float32), np.float32([1, 1, 1]), np.float32([0, 0, 1]))
   tiled = inference.make_predict_volume_fn(tiny, _tiny_budget())(*args)
   single = inference.make_predict_volume_fn(tiny, _CONTRACT)(*args)
   assert {k: v.shape for k, v in tiled.items()} == {k: v.shape for k, v in single.items()}
@@ -476,7 +476,8 @@ def test_saved_model_gives_the_local_numbers(tmp_path, tiny):
 
 
 def test_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
-  monkeypatch.setattr(backends, "_repo_root", lambda: tmp_path)  # where default_model_path looks
+  monkeypatch.setattr(model_location, "default_model_base",  # where the resolver looks
+                      lambda: tmp_path / "saved_models" / "qsmgan")
   _, field, mask = _phantom((20, 20, 20))
   with pytest.raises(InputError, match="no QSMGAN model found.*export"):
     inference.reconstruct_qsmgan(field, mask)

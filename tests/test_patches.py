@@ -87,7 +87,7 @@ def test_background_share_and_placement():
     ((0.3, 0.2, 0.93), (1, 1, 1), 2),  # general: identity and the full inversion
 ])
 def test_symmetry_group_size(b0, voxel, size):
-  group = patches.symmetry_group(b0, voxel)
+  group = patches.symmetry_group(voxel, b0)
   assert len(group) == size
   assert np.array_equal(group[0], np.eye(3))
 
@@ -105,8 +105,8 @@ def test_augmentation_keeps_the_physics(b0):
   chi = (scipy.ndimage.gaussian_filter(rng.normal(0, 1.0, (16, 16, 16)), 2.0)
          * window).astype(np.float32)
   field = physics.forward_field(chi, voxel, b0)
-  for matrix in patches.symmetry_group(b0, voxel):
-    new_b0, new_voxel = patches.transform_geometry(matrix, b0, voxel)
+  for matrix in patches.symmetry_group(voxel, b0):
+    new_b0, new_voxel = patches.transform_geometry(matrix, voxel, b0)
     assert min(np.abs(new_b0 - physics.unit_vector(b0)).max(),
                np.abs(new_b0 + physics.unit_vector(b0)).max()) < 1e-9
     got = physics.forward_field(np.ascontiguousarray(patches.transform_volume(chi, matrix)),
@@ -127,9 +127,9 @@ def test_b0_moving_permutation_records_new_b0():
   chi = rng.normal(0, 0.1, (10, 12, 14)).astype(np.float32)
   field = physics.forward_field(chi, voxel, b0)
   swap_xz = np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]])
-  assert not any(np.array_equal(swap_xz, g) for g in patches.symmetry_group(b0, voxel))
-  assert any(np.array_equal(swap_xz, g) for g in patches.symmetry_group(b0, voxel, True))
-  new_b0, new_voxel = patches.transform_geometry(swap_xz, b0, voxel)
+  assert not any(np.array_equal(swap_xz, g) for g in patches.symmetry_group(voxel, b0))
+  assert any(np.array_equal(swap_xz, g) for g in patches.symmetry_group(voxel, b0, True))
+  new_b0, new_voxel = patches.transform_geometry(swap_xz, voxel, b0)
   np.testing.assert_allclose(new_b0, (1, 0, 0))
   np.testing.assert_allclose(new_voxel, (2.0, 1.5, 1.0))
   moved = np.ascontiguousarray(patches.transform_volume(chi, swap_xz))

@@ -135,17 +135,17 @@ def test_cosmos_recovers_chi_from_three_orientations():
 
   dirs = [(0, 0, 1), tilt(25, 0), tilt(25, 90)]
   fields = [physics.forward_field(chi, b0_dir=d) for d in dirs]
-  assert _nrmse(physics.cosmos(fields, dirs), chi, mask) < 0.05
+  assert _nrmse(physics.cosmos(fields, (1, 1, 1), dirs), chi, mask) < 0.05
   # Fields paired with the wrong directions must fail: the test sees the geometry.
-  assert _nrmse(physics.cosmos(fields, [dirs[0], dirs[2], dirs[1]]), chi, mask) > 0.2
+  assert _nrmse(physics.cosmos(fields, (1, 1, 1), [dirs[0], dirs[2], dirs[1]]), chi, mask) > 0.2
 
 
 def test_cosmos_rejects_bad_input():
   f = np.zeros((8, 8, 8))
   with pytest.raises(ValueError, match="at least 3"):
-    physics.cosmos([f, f], [(0, 0, 1), (0, 1, 0)])
+    physics.cosmos([f, f], (1, 1, 1), [(0, 0, 1), (0, 1, 0)])
   with pytest.raises(ValueError, match="same shape"):
-    physics.cosmos([f, f, np.zeros((8, 8, 9))], [(0, 0, 1)] * 3)
+    physics.cosmos([f, f, np.zeros((8, 8, 9))], (1, 1, 1), [(0, 0, 1)] * 3)
 
 
 def test_field_residual_zero_for_consistent_pair():

@@ -1,7 +1,7 @@
 """benchmarks/prior_level.py: bad flags are one line and exit 2, before TensorFlow loads.
 
 The script defines absl flags, so it runs in a subprocess (see test_package.py). Its numbers
-need a model and phantoms (minutes): BUILD.md "The prior's level" quotes them.
+need a model and phantoms (minutes): docs/history/BUILD_log.md "The prior's level" quotes them.
 """
 
 import pathlib

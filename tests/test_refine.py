@@ -100,11 +100,11 @@ def test_numpy_and_tf_agree_with_dynamic_shapes(oblique):
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
   specs = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [tf.TensorSpec([3], tf.float32)] * 2
-  fn = tf.function(lambda c, f, m, b, v: refine.refine_tf(c, f, m, b, v), input_signature=specs)
+  fn = tf.function(lambda c, f, m, v, b: refine.refine_tf(c, f, m, v, b), input_signature=specs)
   for crop in [(slice(None),) * 3, (slice(2, -2), slice(1, None), slice(None, -3))]:
     want = refine.refine_cg(prior[crop], field[crop], mask[crop], _VOXEL, _OBLIQUE)
-    got = fn(prior[crop], field[crop], mask[crop].astype(np.float32), np.float32(_OBLIQUE),
-             np.float32(_VOXEL)).numpy()
+    got = fn(prior[crop], field[crop], mask[crop].astype(np.float32), np.float32(_VOXEL),
+             np.float32(_OBLIQUE)).numpy()
     assert _rel(got, want, mask[crop]) < 1e-4
   assert len(fn._list_all_concrete_functions()) == 1  # pylint: disable=protected-access
 
@@ -129,8 +129,8 @@ def test_edge_prior_numpy_and_tf_agree(oblique, params, other, apart):
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
   want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
-  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), **params).numpy()
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_VOXEL),
+                         np.float32(_OBLIQUE), **params).numpy()
   assert _rel(got, want, mask) < 1e-4
   # ... and the option changes the answer (the test can tell the two solves apart).
   assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **other), want, mask) > apart
@@ -178,8 +178,8 @@ def test_fitted_background_is_ignored(oblique, fit_offset):
     return refine.refine_cg(prior, f, mask, _VOXEL, _OBLIQUE, **_CORRECTED, **params)
 
   def tf_solve(f, **params):
-    return refine.refine_tf(prior, f, mask.astype(np.float32), np.float32(_OBLIQUE),
-                            np.float32(_VOXEL), **_CORRECTED, **params).numpy()
+    return refine.refine_tf(prior, f, mask.astype(np.float32), np.float32(_VOXEL),
+                            np.float32(_OBLIQUE), **_CORRECTED, **params).numpy()
 
   for weighting in ({}, {"magnitude_weighting": 1, "magnitude": mag}):
     want = numpy_solve(field, fit_offset=fit_offset, **weighting)
@@ -211,8 +211,8 @@ def test_fitted_level_makes_the_solve_blind_to_the_prior_level(oblique, params):
 
   def solve(p, fn, **more):
     if fn == "tf":
-      return refine.refine_tf(p, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                              np.float32(_VOXEL), **params, **more).numpy()
+      return refine.refine_tf(p, field, mask.astype(np.float32), np.float32(_VOXEL),
+                              np.float32(_OBLIQUE), **params, **more).numpy()
     return refine.refine_cg(p, field, mask, _VOXEL, _OBLIQUE, **params, **more)
 
   # The L1 term's lagged weights amplify float32 round-off (tv_eps is small): a looser bound.
@@ -316,7 +316,7 @@ def test_tf_residual_matches_numpy(oblique):
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
   want = refine.field_residual(prior, field, mask, _VOXEL, _OBLIQUE)
-  got = float(refine.field_residual_tf(prior, field, mask.astype(np.float32), _OBLIQUE, _VOXEL))
+  got = float(refine.field_residual_tf(prior, field, mask.astype(np.float32), _VOXEL, _OBLIQUE))
   assert got == pytest.approx(want, rel=1e-4)
   # Semantics of physics.field_residual: the truth explains the field up to the noise, and
   # a constant offset of the field is ignored (de-meaned over the mask).
@@ -347,8 +347,8 @@ def test_magnitude_numpy_and_tf_agree(oblique):
   chi, field, mask = oblique
   prior, mag = _blurred(chi, mask), _edge_magnitude(chi, mask)
   want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_MAG, magnitude=mag)
-  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), **_MAG, magnitude=mag).numpy()
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_VOXEL),
+                         np.float32(_OBLIQUE), **_MAG, magnitude=mag).numpy()
   assert _rel(got, want, mask) < 1e-4
   without = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_MAG)
   assert _rel(without, want, mask) > 0.01  # the magnitude changes the answer
@@ -464,8 +464,8 @@ def test_noise_reference_scales_both_weights(oblique):
   assert _rel(scaled, plain, mask) < 1e-5
   unscaled = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV)
   assert _rel(scaled, unscaled, mask) > 1e-2
-  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), noise_reference_ppm=reference, **_TV)
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_VOXEL),
+                         np.float32(_OBLIQUE), noise_reference_ppm=reference, **_TV)
   assert _rel(got.numpy(), scaled, mask) < 1e-4
   _, info = refine.refine(prior, field, mask, _VOXEL, _OBLIQUE,
                           contract={"refine": {"noise_reference_ppm": reference}})
@@ -502,8 +502,8 @@ def test_edge_data_terms_numpy_and_tf_agree(oblique, option, params):
   chi, field, mask = oblique
   prior = _blurred(chi, mask)
   want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
-  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), **params).numpy()
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_VOXEL),
+                         np.float32(_OBLIQUE), **params).numpy()
   assert _rel(got, want, mask) < 1e-4
   plain = {**params, option: 0.0}
   assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **plain), want, mask) > 1e-3
@@ -558,8 +558,8 @@ def test_data_erosion_ignores_the_rim_and_keeps_a_mask_it_would_empty(oblique):
   whole = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **everything)
   np.testing.assert_array_equal(whole, refine.refine_cg(
       prior, field, mask, _VOXEL, _OBLIQUE, **{**_ERODE, "data_erosion_mm": 0.0}))
-  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), **everything).numpy()
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_VOXEL),
+                         np.float32(_OBLIQUE), **everything).numpy()
   assert _rel(got, whole, mask) < 1e-4
 
 
@@ -571,7 +571,7 @@ def _tf_matches_numpy(prior, field, mask, params):
   want, weight = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params,
                                   return_weight=True)
   got, got_weight = refine.refine_tf(prior, field, mask.astype(np.float32),
-                                     np.float32(_OBLIQUE), np.float32(_VOXEL), **params,
+                                     np.float32(_VOXEL), np.float32(_OBLIQUE), **params,
                                      return_weight=True)
   assert _rel(got.numpy(), want, mask) < 1e-4
   assert float(got_weight) == pytest.approx(weight, rel=1e-6)
@@ -654,8 +654,8 @@ def test_shrinkage_numpy_and_tf_agree(oblique):
   # In the refinement: refine_tf with fine_shrinkage = 1 is refine_cg's, and differs from off.
   params = {**_TV, "fine_shrinkage": 1}
   want = refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **params)
-  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_OBLIQUE),
-                         np.float32(_VOXEL), **params).numpy()
+  got = refine.refine_tf(prior, field, mask.astype(np.float32), np.float32(_VOXEL),
+                         np.float32(_OBLIQUE), **params).numpy()
   assert _rel(got, want, mask) < 1e-4
   assert _rel(refine.refine_cg(prior, field, mask, _VOXEL, _OBLIQUE, **_TV), want, mask) > 1e-3
   info = refine.refine(prior, field, mask, _VOXEL, _OBLIQUE,

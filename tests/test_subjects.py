@@ -11,8 +11,8 @@ import pytest
 
 from data_prep import simulate
 from data_prep import subjects
-from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
+from qsmgan_tf.errors import InputError
 
 B0 = (0.25, -0.15, 1.0)
 
@@ -49,9 +49,9 @@ def test_target_choice(folder, subject):
   np.testing.assert_array_equal(as_chi.target_ppm, subject.chi_ppm)
   assert as_chi.meta["target"] == "chi"
   _edit_json(folder, target="chi")
-  with pytest.raises(nifti_io.InputError, match="COSMOS target was asked for"):
+  with pytest.raises(InputError, match="COSMOS target was asked for"):
     subjects.load_subject(folder, target="cosmos")
-  with pytest.raises(nifti_io.InputError, match="unknown target"):
+  with pytest.raises(InputError, match="unknown target"):
     subjects.load_subject(folder, target="tkd")
 
 
@@ -73,11 +73,11 @@ def test_affine_tells_b0(folder):
 def test_write_is_whole_or_nothing(tmp_path, subject):
   target = tmp_path / "s1"
   simulate.write_subject(subject, target)
-  with pytest.raises(nifti_io.InputError, match="already exists"):
+  with pytest.raises(InputError, match="already exists"):
     simulate.write_subject(subject, target)
   simulate.write_subject(subject, target, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["s1"]  # no temporary folders left behind
-  with pytest.raises(nifti_io.InputError, match="output folder does not exist"):
+  with pytest.raises(InputError, match="output folder does not exist"):
     simulate.write_subject(subject, tmp_path / "missing" / "s2")
 
 
@@ -137,20 +137,20 @@ BROKEN = [
 def test_load_subject_errors(folder, name, breaker, message):
   del name
   breaker(folder)
-  with pytest.raises(nifti_io.InputError, match=message) as info:
+  with pytest.raises(InputError, match=message) as info:
     subjects.load_subject(folder)
   assert "\n" not in str(info.value)
 
 
 def test_missing_folder():
-  with pytest.raises(nifti_io.InputError, match="subject folder not found"):
+  with pytest.raises(InputError, match="subject folder not found"):
     subjects.load_subject("/nonexistent/subject")
 
 
 def test_list_subjects(tmp_path, subject):
-  with pytest.raises(nifti_io.InputError, match="subjects folder not found"):
+  with pytest.raises(InputError, match="subjects folder not found"):
     subjects.list_subjects(tmp_path / "nope")
-  with pytest.raises(nifti_io.InputError, match="no subject folders"):
+  with pytest.raises(InputError, match="no subject folders"):
     subjects.list_subjects(tmp_path)
   simulate.write_subject(subject, tmp_path / "b")
   simulate.write_subject(subject, tmp_path / "a")

@@ -246,6 +246,8 @@ def test_presets_are_defaults_and_explicit_values_win():
     training_config.resolve_config("test_tiny")
   with pytest.raises(InputError, match="unknown preset"):
     training_config.resolve_config("huge", model_dir="m")
+  with pytest.raises(InputError, match="--output_transform must be one of linear, tanh"):
+    training_config.resolve_config("test_tiny", model_dir="m", output_transform="sigmoid")
 
 
 def test_slice_panel_is_in_unit_range_with_the_fixed_window():

@@ -11,38 +11,40 @@ de-meaned) and works on the mask's bounding box padded by a margin to a fast FFT
   medi   nonlinear MEDI-L1, Gauss-Newton + CG  (Liu 2011, 2013)
   tv     TV by ADMM, closed-form k-space steps (Bilgic 2014)
 
-`DEFAULTS` holds each method's documented literature/measured defaults; `reconstruct` is
-the by-name entry point, which also removes the mean over the mask (chi is relative).
+Each method is one module that names its ``METHOD`` and ``TABLE_RANK`` (found by `_registry`:
+a new method touches only its own module). `DEFAULTS` holds each method's documented
+literature/measured defaults; `reconstruct` is the by-name entry point (chi as the method
+produced it; referencing is `qsmgan_tf.reconstruct.apply_reference`'s).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from qsmgan_tf import nifti_io
-from qsmgan_tf.classical import cfl2 as _cfl2
-from qsmgan_tf.classical import ilsqr as _ilsqr
-from qsmgan_tf.classical import medi as _medi
-from qsmgan_tf.classical import tkd as _tkd
-from qsmgan_tf.classical import tv as _tv
+from qsmgan_tf.errors import InputError
 
-METHODS = {
-    "tkd": _tkd.tkd,
-    "cfl2": _cfl2.cfl2,
-    "ilsqr": _ilsqr.ilsqr,
-    "medi": _medi.medi,
-    "tv": _tv.tv,
-}
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "tkd": dict(_tkd.DEFAULTS),
-    "cfl2": dict(_cfl2.DEFAULTS),
-    "ilsqr": dict(_ilsqr.DEFAULTS),
-    "medi": dict(_medi.DEFAULTS),
-    "tv": dict(_tv.DEFAULTS),
-}
+def _registry() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """Every module of this package that names a ``METHOD`` (its function has that name, its
+  parameters are its ``DEFAULTS``), in ``TABLE_RANK`` order: adding a method is adding a
+  module."""
+  found = []
+  for info in pkgutil.iter_modules(__path__):
+    module = importlib.import_module(f"{__name__}.{info.name}")
+    if hasattr(module, "METHOD"):
+      found.append(module)
+  found.sort(key=lambda m: (m.TABLE_RANK, m.METHOD))
+  return ({m.METHOD: getattr(m, m.METHOD) for m in found},
+          {m.METHOD: dict(m.DEFAULTS) for m in found})
+
+
+METHODS, DEFAULTS = _registry()
+"""``METHODS``: name -> function; ``DEFAULTS``: name -> its documented parameters."""
 
 
 def reconstruct(name: str, field_ppm: np.ndarray, mask: np.ndarray,
@@ -67,13 +69,13 @@ def reconstruct(name: str, field_ppm: np.ndarray, mask: np.ndarray,
     chi, ppm, float32, zero outside the mask, not referenced.
 
   Raises:
-    nifti_io.InputError: unknown method or parameter, or bad inputs.
+    InputError: unknown method or parameter, or bad inputs.
   """
   if name not in METHODS:
-    raise nifti_io.InputError(f"unknown classical method {name!r}; "
+    raise InputError(f"unknown classical method {name!r}; "
                               f"expected one of {', '.join(METHODS)}")
   params = dict(params or {})
   unknown = set(params) - set(DEFAULTS[name])
   if unknown:
-    raise nifti_io.InputError(f"unknown parameter(s) for {name}: {', '.join(sorted(unknown))}")
+    raise InputError(f"unknown parameter(s) for {name}: {', '.join(sorted(unknown))}")
   return METHODS[name](field_ppm, mask, voxel_size_mm, b0_dir, magnitude=magnitude, **params)

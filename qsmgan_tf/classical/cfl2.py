@@ -13,8 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf.classical import operators
+from qsmgan_tf.errors import InputError
+
+METHOD = "cfl2"
+"""The name `predict`, `evaluate` and the benchmarks know this method by (`classical.METHODS`)."""
+TABLE_RANK = 20
+"""Where it sits among the methods (tables, defaults): cheapest first."""
 
 DEFAULTS = {"lam": 0.01, "margin": 0, "pad_factor": 2.0}
 """lam: gradient regularisation weight, mm^2 (Bilgic 2014 picks it per dataset by the L-curve;
@@ -44,12 +49,12 @@ def cfl2(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float]
     chi, ppm, float32, the field's shape, zero outside the mask (not de-meaned).
 
   Raises:
-    nifti_io.InputError: bad inputs or lam <= 0.
+    InputError: bad inputs or lam <= 0.
   """
   del magnitude
   field, mask, vs, b0 = operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
   if not lam > 0:
-    raise nifti_io.InputError(f"L2 lambda must be positive, got {lam}")
+    raise InputError(f"L2 lambda must be positive, got {lam}")
   grid = operators.Grid(mask, vs, b0, margin, pad_factor)
   d = grid.dipole()
   den = d * d + np.float32(lam) * grid.gradient_symbol_sq()

@@ -29,11 +29,16 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
+from qsmgan_tf.errors import InputError
 
 _log = logging.getLogger(__name__)
+
+METHOD = "ilsqr"
+"""The name `predict`, `evaluate` and the benchmarks know this method by (`classical.METHODS`)."""
+TABLE_RANK = 30
+"""Where it sits among the methods (tables, defaults): cheapest first."""
 
 DEFAULTS = {"lsqr_tol": 1e-2, "lsqr_max_iter": 50, "sa_tol": 1e-2, "sa_max_iter": 50,
             "cone_threshold": 0.1, "lap_pct": (60.0, 99.9), "grad_pct": (50.0, 70.0),
@@ -89,12 +94,12 @@ def ilsqr(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float
     chi, ppm, float32, the field's shape, zero outside the mask (not de-meaned).
 
   Raises:
-    nifti_io.InputError: bad inputs or an unknown parameter.
+    InputError: bad inputs or an unknown parameter.
   """
   del magnitude
   unknown = set(params) - set(DEFAULTS)
   if unknown:
-    raise nifti_io.InputError(f"unknown iLSQR parameter(s): {', '.join(sorted(unknown))}")
+    raise InputError(f"unknown iLSQR parameter(s): {', '.join(sorted(unknown))}")
   p = {**DEFAULTS, **params}
   field, mask, vs, b0 = operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
   grid = operators.Grid(mask, vs, b0, margin, pad_factor)

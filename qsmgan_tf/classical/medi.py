@@ -29,11 +29,16 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
+from qsmgan_tf.errors import InputError
 
 _log = logging.getLogger(__name__)
+
+METHOD = "medi"
+"""The name `predict`, `evaluate` and the benchmarks know this method by (`classical.METHODS`)."""
+TABLE_RANK = 40
+"""Where it sits among the methods (tables, defaults): cheapest first."""
 
 DEFAULTS = {"lam": 1000.0, "edge_fraction": 0.3, "b0_tesla": 3.0, "te_seconds": 0.005,
             "max_iter": 10, "cg_max_iter": 100, "cg_tol": 1e-2, "tol_norm_ratio": 0.1,
@@ -86,11 +91,11 @@ def medi(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float]
     chi, ppm, float32, the field's shape, zero outside the mask (not de-meaned).
 
   Raises:
-    nifti_io.InputError: bad inputs, a magnitude of the wrong shape, or bad parameters.
+    InputError: bad inputs, a magnitude of the wrong shape, or bad parameters.
   """
   field, mask, vs, b0 = operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
   if not (lam > 0 and 0.0 <= edge_fraction < 1.0 and b0_tesla > 0 and te_seconds > 0):
-    raise nifti_io.InputError("MEDI needs lam > 0, 0 <= edge_fraction < 1, "
+    raise InputError("MEDI needs lam > 0, 0 <= edge_fraction < 1, "
                                         "b0_tesla > 0 and te_seconds > 0")
   grid = operators.Grid(mask, vs, b0, margin, pad_factor)
   gmask = grid.mask
@@ -100,10 +105,10 @@ def medi(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float]
   if magnitude is not None:
     magnitude = np.asarray(magnitude, dtype=np.float32)
     if magnitude.shape != field.shape:
-      raise nifti_io.InputError(
+      raise InputError(
           f"magnitude shape {magnitude.shape} differs from field shape {field.shape}")
     if not np.isfinite(magnitude[mask]).all():
-      raise nifti_io.InputError("magnitude has NaN or infinite values inside the mask")
+      raise InputError("magnitude has NaN or infinite values inside the mask")
     mag = np.abs(grid.to_grid(magnitude))
     mean = float(mag[gmask].mean())
     weight = np.where(gmask, mag / mean if mean > 0 else 1.0, 0.0).astype(np.float32)

@@ -3,7 +3,8 @@
 Every inversion works on a `Grid`: the mask's bounding box cut out of the volume, zero-padded
 by a margin to a fast (real) FFT size. The FFT is periodic, so the margin keeps a source's
 field from wrapping onto the far side of the brain; cropping first keeps the grid small. The
-margin (`DEFAULT_MARGIN`) is a measured trade-off (benchmarks/classical.py, BUILD.md): on a
+margin (`DEFAULT_MARGIN`) is a measured trade-off (benchmarks/classical.py;
+docs/history/BUILD_log.md, "Classical dipole inversions"): on a
 160x192x160 simulated brain, a 12-voxel margin was as accurate as the classic 2x grid (TV-ADMM
 24.5 vs 24.1 % NRMSE in 20 vs 175 s and 0.65 vs 3.0 GB; iLSQR 32.7 % both, 31 vs 131 s; TKD
 within 0.1 point),
@@ -23,8 +24,8 @@ from typing import Sequence
 import numpy as np
 import scipy.fft
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf import physics
+from qsmgan_tf.errors import InputError
 
 DEFAULT_MARGIN = 12
 """Zero margin (voxels a side) around the mask's bounding box; see the module docstring."""
@@ -43,26 +44,26 @@ def check_inputs(field_ppm, mask, voxel_size_mm, b0_dir):
     (field float32 zeroed outside the mask, mask bool, voxel size tuple, unit b0 ndarray).
 
   Raises:
-    nifti_io.InputError: wrong dimensions or shapes, empty mask, non-finite field inside
+    InputError: wrong dimensions or shapes, empty mask, non-finite field inside
       the mask, bad voxel size or B0 direction.
   """
   field = np.asarray(field_ppm, dtype=np.float32)
   mask = np.asarray(mask).astype(bool)
   if field.ndim != 3:
-    raise nifti_io.InputError(f"field must be 3D, got shape {field.shape}")
+    raise InputError(f"field must be 3D, got shape {field.shape}")
   if mask.shape != field.shape:
-    raise nifti_io.InputError(f"mask shape {mask.shape} differs from field shape {field.shape}")
+    raise InputError(f"mask shape {mask.shape} differs from field shape {field.shape}")
   if not mask.any():
-    raise nifti_io.InputError("mask is empty")
+    raise InputError("mask is empty")
   if not np.isfinite(field[mask]).all():
-    raise nifti_io.InputError("field has NaN or infinite values inside the mask")
+    raise InputError("field has NaN or infinite values inside the mask")
   vs = tuple(float(v) for v in np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1))
   if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-    raise nifti_io.InputError(f"voxel size must be 3 positive numbers (mm), got {voxel_size_mm}")
+    raise InputError(f"voxel size must be 3 positive numbers (mm), got {voxel_size_mm}")
   try:
     b0 = physics.unit_vector(b0_dir)
   except ValueError as exc:
-    raise nifti_io.InputError(str(exc)) from None
+    raise InputError(str(exc)) from None
   field = np.where(mask, field, np.float32(0.0))
   return field, mask, vs, b0
 

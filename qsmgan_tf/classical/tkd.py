@@ -12,8 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf.classical import operators
+from qsmgan_tf.errors import InputError
+
+METHOD = "tkd"
+"""The name `predict`, `evaluate` and the benchmarks know this method by (`classical.METHODS`)."""
+TABLE_RANK = 10
+"""Where it sits among the methods (tables, defaults): cheapest first."""
 
 DEFAULTS = {"threshold": 0.19, "margin": operators.DEFAULT_MARGIN, "pad_factor": 1.0}
 """threshold: |D| truncation level t (literature 0.1-0.2; 0.19 as in QSM-CI's TKD baseline)."""
@@ -39,12 +44,12 @@ def tkd(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float] 
     chi, ppm, float32, the field's shape, zero outside the mask (not de-meaned).
 
   Raises:
-    nifti_io.InputError: bad inputs (see `operators.check_inputs`) or threshold out of range.
+    InputError: bad inputs (see `operators.check_inputs`) or threshold out of range.
   """
   del magnitude
   field, mask, vs, b0 = operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
   if not 0.0 < threshold <= 2.0 / 3.0:
-    raise nifti_io.InputError(f"TKD threshold must be in (0, 2/3], got {threshold}")
+    raise InputError(f"TKD threshold must be in (0, 2/3], got {threshold}")
   grid = operators.Grid(mask, vs, b0, margin, pad_factor)
   d = grid.dipole()
   t = np.float32(threshold)

@@ -19,8 +19,13 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmgan_tf import nifti_io
 from qsmgan_tf.classical import operators
+from qsmgan_tf.errors import InputError
+
+METHOD = "tv"
+"""The name `predict`, `evaluate` and the benchmarks know this method by (`classical.METHODS`)."""
+TABLE_RANK = 50
+"""Where it sits among the methods (tables, defaults): cheapest first."""
 
 DEFAULTS = {"lam": 1e-4, "rho_factor": 100.0, "max_iter": 200, "tol": 3e-3,
             "margin": operators.DEFAULT_MARGIN, "pad_factor": 1.0}
@@ -58,12 +63,12 @@ def tv(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float] =
     chi, ppm, float32, the field's shape, zero outside the mask (not de-meaned).
 
   Raises:
-    nifti_io.InputError: bad inputs or non-positive parameters.
+    InputError: bad inputs or non-positive parameters.
   """
   del magnitude
   field, mask, vs, b0 = operators.check_inputs(field_ppm, mask, voxel_size_mm, b0_dir)
   if not (lam > 0 and rho_factor > 0 and max_iter >= 1):
-    raise nifti_io.InputError("TV lam, rho_factor and max_iter must be positive")
+    raise InputError("TV lam, rho_factor and max_iter must be positive")
   grid = operators.Grid(mask, vs, b0, margin, pad_factor)
   rho = np.float32(rho_factor * lam)
   d = grid.dipole()

@@ -30,13 +30,15 @@ signature), so a local run on a SavedModel and TF Serving give the same numbers.
 Modules (each imports only those above it; this package re-exports their public names):
   * `window`: tiling on the pooling grid and the NumPy sliding window (`sliding_window`,
     `importance_map`, `window_step`);
-  * `contract`: reading the model contract (`network_geometry`, `model_voxel_sizes`,
+  * `contract`: what inference reads from the model contract (`network_geometry`, `model_voxel_sizes`,
     `model_b0_axis`, `tiling_params`, `tile_geometry`, `network_pass_plan`);
   * `graph`: the network and the refinement in TensorFlow graphs (`network_volume_tf`, the
-    amplitude scale, the SavedModel's volume signatures, `run_refine_tf`);
+    amplitude scale, the SavedModel's volume signatures; `run_refine_tf` is re-exported from
+    `qsmgan_tf.refine`);
   * `frame`: resampling and rotation into the model's frame (`ModelFrame`);
   * `backends`: where the network runs (Keras, SavedModel, TF Serving gRPC or REST;
     `load_backend`, `default_model_path`);
+  * `options`: `QsmganOptions`, how a reconstruction runs (typed, checked once);
   * `pipeline`: `reconstruct_qsmgan`.
 
 Example:
@@ -58,7 +60,8 @@ from qsmgan_tf.inference.graph import (AMPLITUDE_SCALE_LIMIT, field_amplitude_sc
                                        make_predict_volume_fn, make_refine_fn, network_volume_tf,
                                        robust_std, run_refine_tf, traced_refine_tf,
                                        volume_pass_tf, volume_tiles_tf)
-from qsmgan_tf.inference.pipeline import INFERENCE_MODES, reconstruct_qsmgan
+from qsmgan_tf.inference.options import INFERENCE_MODES, QsmganOptions
+from qsmgan_tf.inference.pipeline import reconstruct_qsmgan
 from qsmgan_tf.inference.window import (BLEND_MODES, DEFAULT_SIGMA_SCALE, IMPORTANCE_FLOOR,
                                         importance_map, single_pass_region, sliding_window,
                                         window_step)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -14,32 +13,24 @@ import tensorflow as tf
 from absl import logging
 
 from qsmgan_tf import exporting
+from qsmgan_tf import model_location
 from qsmgan_tf import networks
 from qsmgan_tf import serving
 from qsmgan_tf.errors import InputError
 from qsmgan_tf.inference.contract import generator_config
+from qsmgan_tf.model_contract import ModelContract
 from qsmgan_tf.inference.graph import make_network_volume_fn, make_predict_volume_fn
+from qsmgan_tf.inference.options import PRECISIONS
 
-PRECISIONS = ("float32", "bfloat16")
-
-
-def _repo_root() -> pathlib.Path:
-  return pathlib.Path(__file__).resolve().parents[2]
 
 
 def default_model_path() -> pathlib.Path:
-  """Newest version under ``<repo>/saved_models/qsmgan/``.
+  """Newest version under ``<repo>/saved_models/qsmgan/`` (`model_location.resolve_model`).
 
   Raises:
     InputError: none exported yet.
   """
-  base = _repo_root() / "saved_models" / "qsmgan"
-  versions = exporting.list_versions(base)
-  if not versions:
-    raise InputError(f"no QSMGAN model found in {base}: train one (python -m qsmgan_tf.train "
-                     "...) and export it (python -m qsmgan_tf.export --model_dir=<run> "
-                     f"--export_base={base}), or pass --model=<SavedModel or .keras file>")
-  return base / str(versions[-1])
+  return model_location.resolve_model(None).path
 
 
 def cast_generator(generator, config: dict[str, Any], precision: str):
@@ -79,7 +70,7 @@ class _Backend:
   def patch_fn(self, patches):
     raise NotImplementedError
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm,
+  def predict_volume(self, field_ppm, mask, voxel_size_mm, b0_dir,
                      magnitude=None) -> dict[str, Any] | None:
     """Network + refinement with the contract's defaults in one call (with ``magnitude``:
     the ``predict_volume_magnitude`` signature), or None when the model has no such graph."""
@@ -123,9 +114,9 @@ class KerasBackend(_Backend):
   def patch_fn(self, patches):
     return self._patch(tf.constant(patches, tf.float32)).numpy()
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+  def predict_volume(self, field_ppm, mask, voxel_size_mm, b0_dir, magnitude=None):
     args = [np.asarray(field_ppm, np.float32), np.asarray(mask, np.float32),
-            np.asarray(b0_dir, np.float32), np.asarray(voxel_size_mm, np.float32)]
+            np.asarray(voxel_size_mm, np.float32), np.asarray(b0_dir, np.float32)]
     if magnitude is None:
       return _np_outputs(self._predict(*args))
     if self._predict_magnitude is None:
@@ -139,7 +130,7 @@ class SavedModelBackend(_Backend):
   kind = "saved_model"
 
   def __init__(self, path):
-    self.path = exporting.resolve_saved_model(path)
+    self.path = model_location.resolve_saved_model(path)
     self.loaded, self.contract = exporting.load(self.path)
     self.signatures = self.loaded.signatures
     for name in (serving.SERVING_DEFAULT, serving.PREDICT_VOLUME):
@@ -162,7 +153,7 @@ class SavedModelBackend(_Backend):
         **{serving.PATCH_INPUT: tf.constant(patches, tf.float32)})
     return out[serving.PATCH_OUTPUT].numpy()
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+  def predict_volume(self, field_ppm, mask, voxel_size_mm, b0_dir, magnitude=None):
     name = serving.volume_signature(magnitude is not None)
     if name not in self.signatures:
       return None  # exported before the magnitude signature existed
@@ -181,7 +172,7 @@ class GrpcBackend(_Backend):
     self.path = server
     self.contract = self.client.contract()
 
-  def _call(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+  def _call(self, field_ppm, mask, voxel_size_mm, b0_dir, magnitude=None):
     inputs = serving.volume_inputs(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
     outputs, self.meta = self.client.predict(serving.volume_signature(magnitude is not None),
                                              inputs)
@@ -194,7 +185,7 @@ class GrpcBackend(_Backend):
     return out
 
   def network_volume(self, field_ppm, mask):
-    return self._call(field_ppm, mask, (0.0, 0.0, 1.0), (1.0, 1.0, 1.0))["chi_net_ppm"]
+    return self._call(field_ppm, mask, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0))["chi_net_ppm"]
 
   def patch_fn(self, patches):
     outputs, _ = self.client.predict(serving.SERVING_DEFAULT,
@@ -205,11 +196,11 @@ class GrpcBackend(_Backend):
     if hasattr(self.client, "close"):
       self.client.close()
 
-  def predict_volume(self, field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+  def predict_volume(self, field_ppm, mask, voxel_size_mm, b0_dir, magnitude=None):
     if magnitude is not None and serving.PREDICT_VOLUME_MAGNITUDE not in (
         (self.contract.get("export") or {}).get("signatures") or []):
       return None  # the served model predates the magnitude signature
-    return self._call(field_ppm, mask, b0_dir, voxel_size_mm, magnitude)
+    return self._call(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
 
 
 class RestBackend(_Backend):
@@ -224,13 +215,6 @@ class RestBackend(_Backend):
 
   def patch_fn(self, patches):
     return self.client.predict_patches(np.asarray(patches, np.float32))
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as exc:
-    raise InputError(f"cannot read model contract {path}: {exc}") from None
 
 
 def load_backend(model=None, server: str | None = None, rest_url: str | None = None,
@@ -257,23 +241,11 @@ def load_backend(model=None, server: str | None = None, rest_url: str | None = N
   if rest_url is not None:
     return RestBackend(rest_url)
   if isinstance(model, (tuple, list)) and len(model) == 2:
-    return KerasBackend(model[0], dict(model[1]), None, precision)
-  path = pathlib.Path(model) if model is not None else default_model_path()
-  if not path.exists():
-    raise InputError(f"model not found: {path}")
-  if path.is_dir() and not (path / "saved_model.pb").is_file() and (
-      path / "contract.json").is_file():
-    candidates = [path / "generator_best.keras", path / "generator_final.keras"]
-    keras_file = next((c for c in candidates if c.is_file()), None)
-    if keras_file is None:
-      raise InputError(f"training folder has no generator_best.keras or "
-                       f"generator_final.keras: {path}")
-    path = keras_file
-  if path.is_file() and path.suffix == ".keras":
-    if not (path.parent / "contract.json").is_file():
-      raise InputError(f"no contract.json beside {path.name} in {path.parent}")
-  else:
-    path = exporting.resolve_saved_model(path)
+    return KerasBackend(model[0], ModelContract.of(model[1]), None, precision)
+  location = model_location.resolve_model(model)
+  if location.kind == "keras":
+    location.contract()  # fails now, with the file's name, if it has none
+  path = location.path
   # Cached: evaluating many subjects loads and traces a model once (the file's mtime is part
   # of the key, so a re-exported or retrained file is loaded afresh).
   return _local_backend(str(path.resolve()), path.stat().st_mtime_ns, precision)
@@ -286,7 +258,7 @@ def _local_backend(path: str, mtime_ns: int, precision: str) -> _Backend:
   if path.suffix == ".keras":
     # The generator's custom layers load because `networks` (imported above) registers them.
     generator = keras.saving.load_model(str(path), compile=False)
-    return KerasBackend(generator, _read_json(path.parent / "contract.json"), path, precision)
+    return KerasBackend(generator, ModelContract.read(path.parent), path, precision)
   return SavedModelBackend(path)
 
 

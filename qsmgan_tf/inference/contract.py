@@ -1,5 +1,7 @@
-"""Reading the model contract: the generator's geometry, the trained voxel sizes and B0
-axis, and the network pass's memory budget and tiles (``contract['inference']``)."""
+"""What inference reads from the model contract (`qsmgan_tf.model_contract.ModelContract`,
+which parses it): the generator's geometry, the trained voxel sizes and B0 axis, and the
+network pass's memory budget and tiles (``contract['inference']``). Every function takes a
+`ModelContract` or a contract dict."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from absl import logging
 
 from qsmgan_tf import physics
 from qsmgan_tf.errors import InputError
+from qsmgan_tf.model_contract import ModelContract
 from qsmgan_tf.inference.window import _padded_size, _tile_count, window_step
 
 # Peak memory of the paper preset's single pass (float32, BUILD.md "Speed and memory") grows
@@ -30,61 +33,40 @@ requested overlap between neighbouring tiles, and the field amplitude the networ
 (`graph.field_amplitude_scale`; 0 = the field as given, as in contracts written before the key)."""
 
 
-def generator_config(contract: dict[str, Any]) -> dict[str, Any]:
-  """The GeneratorConfig dict inside a contract (``generator``/``generator_config``/top).
+def generator_config(contract) -> dict[str, Any]:
+  """The GeneratorConfig dict of a contract (`ModelContract.generator`).
 
   Raises:
     InputError: the contract describes no generator (no ``depth`` and patch sizes).
   """
-  for place in (contract.get("generator"), contract.get("generator_config"),
-                contract.get("config"), contract):
-    if isinstance(place, dict) and {"depth", "input_patch", "output_patch"} <= set(place):
-      return place
-  raise InputError("model contract has no generator config (depth, input_patch, output_patch)")
+  return ModelContract.of(contract).generator
 
 
-def network_geometry(contract: dict[str, Any]) -> dict[str, int]:
+def network_geometry(contract) -> dict[str, int]:
   """Crop margin, size multiple and patch sizes of the contract's generator, voxels."""
-  config = generator_config(contract)
-  size_in, size_out = int(config["input_patch"]), int(config["output_patch"])
-  return {"margin": (size_in - size_out) // 2, "multiple": 2 ** int(config["depth"]),
-          "input_patch": size_in, "output_patch": size_out}
+  contract = ModelContract.of(contract)
+  return {"margin": contract.crop_margin, "multiple": contract.size_multiple,
+          "input_patch": contract.input_patch, "output_patch": contract.output_patch}
 
 
-def model_voxel_sizes(contract: dict[str, Any]) -> list[tuple[float, float, float]]:
+def model_voxel_sizes(contract) -> list[tuple[float, float, float]]:
   """Voxel sizes (mm) the model was trained on; [] when the contract does not say."""
-  for key in ("voxel_sizes_mm", "trained_voxel_sizes_mm", "voxel_size_mm",
-              "trained_voxel_size_mm"):
-    value = contract.get(key)
-    if value is None and isinstance(contract.get("training"), dict):
-      value = contract["training"].get(key)
-    if value is None:
-      continue
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 1 and arr.size == 3:
-      return [tuple(float(v) for v in arr)]
-    if arr.ndim == 2 and arr.shape[1] == 3:
-      return [tuple(float(v) for v in row) for row in arr]
-  return []
+  return list(ModelContract.of(contract).voxel_sizes_mm)
 
 
-def model_b0_axis(contract: dict[str, Any]) -> np.ndarray:
+def model_b0_axis(contract) -> np.ndarray:
   """The B0 direction (voxel frame) the model was trained with; default (0, 0, 1)."""
-  value = contract.get("b0_dir", contract.get("trained_b0_dir", (0.0, 0.0, 1.0)))
-  arr = np.asarray(value, dtype=np.float64)
-  if arr.ndim == 2:  # several training directions: the first is the reference axis
-    arr = arr[0]
-  return physics.unit_vector(arr)
+  return np.asarray(ModelContract.of(contract).b0_dir, dtype=np.float64)
 
 
-def model_b0_tolerance_deg(contract: dict[str, Any]) -> float:
+def model_b0_tolerance_deg(contract) -> float:
   """Largest B0 tilt (degrees from `model_b0_axis`) among the directions the model was
   trained on (``b0_dirs_trained``); below it the field is not rotated. 0 when not stated."""
-  trained = contract.get("b0_dirs_trained")
-  if not trained:
+  contract = ModelContract.of(contract)
+  if not contract.b0_dirs_trained:
     return 0.0
-  axis = model_b0_axis(contract)
-  dirs = np.asarray(trained, dtype=np.float64).reshape(-1, 3)
+  axis = np.asarray(contract.b0_dir, dtype=np.float64)
+  dirs = np.asarray(contract.b0_dirs_trained, dtype=np.float64).reshape(-1, 3)
   dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
   return float(np.degrees(np.arccos(np.clip(np.abs(dirs @ axis), 0.0, 1.0))).max())
 
@@ -101,7 +83,7 @@ def tiling_params(contract: dict[str, Any] | None = None) -> dict[str, Any]:
     InputError: a value out of range.
   """
   out = dict(TILING_DEFAULTS)
-  for key, value in ((contract or {}).get("inference") or {}).items():
+  for key, value in ModelContract.of(contract).inference.items():
     if key in out and value is not None:
       out[key] = type(TILING_DEFAULTS[key])(value)
   if out["field_reference_std_ppm"] < 0:

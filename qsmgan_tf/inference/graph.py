@@ -4,13 +4,12 @@
 box (`volume_pass_tf`) or overlapping tiles of it (`volume_tiles_tf`), at the field amplitude
 the contract records (`field_amplitude_scale`, with its in-graph twin
 `field_amplitude_scale_tf`). The SavedModel's volume signatures are built here
-(`make_network_volume_fn`, `make_predict_volume_fn`, `make_refine_fn`), and so are the traced
-refinement and residual that local runs use (`run_refine_tf`).
+(`make_network_volume_fn`, `make_predict_volume_fn`, `make_refine_fn`); the traced refinement
+that local runs use is `refine.graph.run_refine_tf` (re-exported here).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,8 @@ from qsmgan_tf.errors import InputError
 from qsmgan_tf.inference.contract import network_geometry, tile_geometry, tiling_params
 from qsmgan_tf.inference.window import (DEFAULT_SIGMA_SCALE, IMPORTANCE_FLOOR,
                                         _importance_profiles, _padded_size, _tile_count)
+# Re-exported: local runs' traced refinement (it lived here before the refine package had it).
+from qsmgan_tf.refine.graph import run_refine_tf, traced_refine_tf  # pylint: disable=unused-import
 
 # The amplitude scale is kept within [1/AMPLITUDE_SCALE_LIMIT, AMPLITUDE_SCALE_LIMIT]: a field
 # far off the training amplitude is more likely a unit or masking error than anatomy, and an
@@ -282,8 +283,8 @@ def _network_args(contract: dict[str, Any]) -> dict[str, int]:
 def _volume_specs():
   return [tf.TensorSpec([None, None, None], tf.float32, name="field_ppm"),
           tf.TensorSpec([None, None, None], tf.float32, name="mask"),
-          tf.TensorSpec([3], tf.float32, name="b0_dir"),
-          tf.TensorSpec([3], tf.float32, name="voxel_size_mm")]
+          tf.TensorSpec([3], tf.float32, name="voxel_size_mm"),
+          tf.TensorSpec([3], tf.float32, name="b0_dir")]
 
 
 def make_network_volume_fn(generator, contract: dict[str, Any]):
@@ -310,7 +311,7 @@ def make_predict_volume_fn(generator, contract: dict[str, Any], with_magnitude: 
 
   Returns:
     tf.function with inputs ``field_ppm [X,Y,Z]`` (ppm of B0), ``mask [X,Y,Z]`` (0/1),
-    ``b0_dir [3]`` (voxel frame), ``voxel_size_mm [3]`` and outputs ``chi_ppm`` (refined),
+    ``voxel_size_mm [3]``, ``b0_dir [3]`` (voxel frame) and outputs ``chi_ppm`` (refined),
     ``chi_net_ppm`` (network alone: `network_volume_tf`), ``tv_weight_used`` (the L1 weight
     after the noise scale and the L-curve, `refine.refine_tf`), ``residual_before`` /
     ``residual_after`` (relative, mask-demeaned field residuals of chi_net and chi). The
@@ -322,25 +323,25 @@ def make_predict_volume_fn(generator, contract: dict[str, Any], with_magnitude: 
   if not with_magnitude:
     params = refine_lib.without_magnitude(params)
 
-  def predict(field_ppm, mask, b0_dir, voxel_size_mm, magnitude=None):
+  def predict(field_ppm, mask, voxel_size_mm, b0_dir, magnitude=None):
     chi_net = network_volume_tf(generator, field_ppm, mask, **args)
-    chi, tv_weight = refine_lib.refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm,
+    chi, tv_weight = refine_lib.refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir,
                                           **params, magnitude=magnitude, return_weight=True)
     return {
         "chi_ppm": chi,
         "chi_net_ppm": chi_net,
         "tv_weight_used": tv_weight,
-        "residual_before": refine_lib.field_residual_tf(chi_net, field_ppm, mask, b0_dir,
-                                                        voxel_size_mm),
-        "residual_after": refine_lib.field_residual_tf(chi, field_ppm, mask, b0_dir,
-                                                       voxel_size_mm),
+        "residual_before": refine_lib.field_residual_tf(chi_net, field_ppm, mask, voxel_size_mm,
+                                                        b0_dir),
+        "residual_after": refine_lib.field_residual_tf(chi, field_ppm, mask, voxel_size_mm,
+                                                       b0_dir),
     }
 
-  def predict_volume(field_ppm, mask, b0_dir, voxel_size_mm):
-    return predict(field_ppm, mask, b0_dir, voxel_size_mm)
+  def predict_volume(field_ppm, mask, voxel_size_mm, b0_dir):
+    return predict(field_ppm, mask, voxel_size_mm, b0_dir)
 
-  def predict_volume_magnitude(field_ppm, mask, b0_dir, voxel_size_mm, magnitude):
-    return predict(field_ppm, mask, b0_dir, voxel_size_mm, magnitude)
+  def predict_volume_magnitude(field_ppm, mask, voxel_size_mm, b0_dir, magnitude):
+    return predict(field_ppm, mask, voxel_size_mm, b0_dir, magnitude)
 
   if with_magnitude:
     return tf.function(predict_volume_magnitude, input_signature=_volume_specs() + [
@@ -352,64 +353,24 @@ def make_refine_fn(contract: dict[str, Any]):
   """The ``refine`` signature: CG refinement with the contract's defaults.
 
   Returns:
-    tf.function with inputs ``chi_net_ppm [X,Y,Z]``, ``field_ppm``, ``mask``, ``b0_dir [3]``,
-    ``voxel_size_mm [3]`` and outputs ``chi_ppm``, ``tv_weight_used`` (as ``predict_volume``),
-    ``residual_before``, ``residual_after``.
+    tf.function with inputs ``chi_net_ppm [X,Y,Z]``, ``field_ppm``, ``mask``,
+    ``voxel_size_mm [3]``, ``b0_dir [3]`` and outputs ``chi_ppm``, ``tv_weight_used`` (as
+    ``predict_volume``), ``residual_before``, ``residual_after``.
   """
   params = refine_lib.without_magnitude(refine_lib.resolve_params(contract))
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32,
                                               name="chi_net_ppm")] + _volume_specs())
-  def refine(chi_net_ppm, field_ppm, mask, b0_dir, voxel_size_mm):
-    chi, tv_weight = refine_lib.refine_tf(chi_net_ppm, field_ppm, mask, b0_dir, voxel_size_mm,
+  def refine(chi_net_ppm, field_ppm, mask, voxel_size_mm, b0_dir):
+    chi, tv_weight = refine_lib.refine_tf(chi_net_ppm, field_ppm, mask, voxel_size_mm, b0_dir,
                                           **params, return_weight=True)
     return {
         "chi_ppm": chi,
         "tv_weight_used": tv_weight,
         "residual_before": refine_lib.field_residual_tf(chi_net_ppm * mask, field_ppm, mask,
-                                                        b0_dir, voxel_size_mm),
-        "residual_after": refine_lib.field_residual_tf(chi, field_ppm, mask, b0_dir,
-                                                       voxel_size_mm),
+                                                        voxel_size_mm, b0_dir),
+        "residual_after": refine_lib.field_residual_tf(chi, field_ppm, mask, voxel_size_mm,
+                                                       b0_dir),
     }
 
   return refine
-
-
-# Unnamed specs for the local (non-exported) traced helpers: chi, field, mask, b0, voxel.
-_LOCAL_SPECS = [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [
-    tf.TensorSpec([3], tf.float32)] * 2
-
-
-@functools.cache
-def traced_refine_tf():
-  """`refine_lib.refine_tf` traced once, its parameters and magnitude as tensors (no retrace
-  per value); returns ``(chi_ppm, tv_weight_used)``."""
-  scalars = [tf.TensorSpec([], tf.float32 if isinstance(v, float) else tf.int32)
-             for v in refine_lib.DEFAULTS.values()]
-  return tf.function(functools.partial(refine_lib.refine_tf, return_weight=True),
-                     input_signature=_LOCAL_SPECS + scalars + [
-                         tf.TensorSpec([None, None, None], tf.float32)])
-
-
-def run_refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm,
-                  params: dict[str, Any], magnitude=None, return_weight: bool = False):
-  """`traced_refine_tf` on NumPy inputs with a `refine.resolve_params` dict and an optional
-  magnitude (without one, the parameters' magnitude uses are switched off); chi_ppm, or
-  ``(chi_ppm, tv_weight_used)`` with ``return_weight``."""
-  if magnitude is None:
-    params = refine_lib.without_magnitude(params)
-    magnitude = mask
-  scalars = {k: np.asarray(v, np.float32 if isinstance(refine_lib.DEFAULTS[k], float) else
-                           np.int32) for k, v in params.items()}
-  chi, weight = traced_refine_tf()(
-      np.asarray(chi_net, np.float32), np.asarray(field_ppm, np.float32),
-      np.asarray(mask, np.float32), np.asarray(b0_dir, np.float32),
-      np.asarray(voxel_size_mm, np.float32), **scalars,
-      magnitude=np.asarray(magnitude, np.float32))
-  return (chi.numpy(), float(weight)) if return_weight else chi.numpy()
-
-
-@functools.cache
-def _residual_tf_fn():
-  """`refine_lib.field_residual_tf` traced once (faster than the SciPy version)."""
-  return tf.function(refine_lib.field_residual_tf, input_signature=_LOCAL_SPECS)

@@ -17,10 +17,9 @@ from qsmgan_tf.inference.contract import (model_b0_axis, model_b0_tolerance_deg,
                                           model_voxel_sizes, network_geometry,
                                           network_pass_plan, tiling_params)
 from qsmgan_tf.inference.frame import ROTATE_MIN_DEG, ModelFrame
-from qsmgan_tf.inference.graph import _residual_tf_fn, field_amplitude_scale, run_refine_tf
-from qsmgan_tf.inference.window import BLEND_MODES, DEFAULT_SIGMA_SCALE, sliding_window
-
-INFERENCE_MODES = ("single", "sliding_window")
+from qsmgan_tf.inference.graph import field_amplitude_scale
+from qsmgan_tf.inference.options import QsmganOptions
+from qsmgan_tf.inference.window import sliding_window
 
 
 def _validate(field_ppm, mask, voxel_size_mm, b0_dir):
@@ -40,26 +39,9 @@ def _network_plan(backend: _Backend, mask: np.ndarray) -> dict[str, Any]:
 
 
 def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-                       *, model=None, server: str | None = None, rest_url: str | None = None,
-                       refine: str | None = "cg", inference: str = "single",
-                       overlap: float = 0.25, mode: str = "gaussian", sw_batch_size: int = 1,
-                       threads: int | None = None, progress: bool = True,
-                       roi_size: int | None = None, sigma_scale: float = DEFAULT_SIGMA_SCALE,
-                       refine_mu: float | None = None, refine_iterations: int | None = None,
-                       refine_margin: int | None = None, refine_lam: float | None = None,
-                       refine_tv_weight: float | None = None,
-                       refine_reweights: int | None = None,
-                       refine_edge_fraction: float | None = None,
-                       refine_edge_refresh: int | None = None,
-                       refine_residual_margin: int | None = None,
-                       refine_fit_offset: int | None = None,
-                       refine_noise_reference_ppm: float | None = None,
-                       refine_smv_radius_mm: float | None = None,
-                       refine_data_erosion_mm: float | None = None,
-                       refine_fit_level: int | None = None,
-                       precision: str = "float32", backend: _Backend | None = None,
-                       magnitude=None, rotate_above_deg: float | None = None
-                       ) -> tuple[np.ndarray, dict[str, Any]]:
+                       options: QsmganOptions | None = None, *,
+                       backend: _Backend | None = None, magnitude=None,
+                       **option_kwargs) -> tuple[np.ndarray, dict[str, Any]]:
   """QSMGAN susceptibility map of a local field, with data-consistency refinement.
 
   Args:
@@ -68,33 +50,30 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     voxel_size_mm: voxel size, mm (resampled to the model's when it differs).
     b0_dir: B0 direction in the voxel frame (rotated onto the model's axis when oblique; the
       refinement always uses it as given, on the original grid).
-    model: see `load_backend` (default: newest ``<repo>/saved_models/qsmgan/<version>``).
-    server: TF Serving gRPC ``host:port``.
-    rest_url: TF Serving REST model URL (tiles only: JSON volumes are too big).
-    refine: 'cg' (default), 'closed' (one-shot k-space) or 'none'/None.
-    inference: 'single' (the model's graph: one pass, or overlapping tiles in the graph when
-      the volume exceeds the contract's memory budget, `graph.network_volume_tf`) or
-      'sliding_window' (patches tiled on the client: the least memory).
-    overlap, mode, sw_batch_size, roi_size, sigma_scale: sliding-window options (MONAI's
-      names); roi_size defaults to the contract's output patch.
-    threads: TF intra-op threads (before TF initialises only).
-    progress: progress bar over windows.
-    refine_mu, refine_iterations, refine_margin, refine_tv_weight, refine_reweights,
-      refine_edge_fraction, refine_edge_refresh, refine_residual_margin, refine_fit_offset,
-      refine_noise_reference_ppm, refine_smv_radius_mm, refine_data_erosion_mm,
-      refine_fit_level:
-      override ``contract['refine']`` (``refine_tv_weight=0`` is the quadratic solve;
-      `refine.DEFAULTS` names them).
-    refine_lam: weight of the 'closed' variant.
-    precision: 'float32' or 'bfloat16' (Keras generators only).
+    options: a `QsmganOptions`; ``option_kwargs`` (its fields, and ``refine_<name>`` for any
+      `refine.RefineParams` field) build one or change the one given:
+      ``model`` (see `load_backend`; default: newest ``<repo>/saved_models/qsmgan/<version>``),
+      ``server`` (TF Serving gRPC ``host:port``), ``rest_url`` (TF Serving REST model URL:
+      tiles only, JSON volumes are too big), ``precision`` ('float32' or 'bfloat16', Keras
+      generators only);
+      ``inference``: 'single' (the model's graph: one pass, or overlapping tiles in the graph
+      when the volume exceeds the contract's memory budget, `graph.network_volume_tf`) or
+      'sliding_window' (patches tiled on the client: the least memory), with ``overlap``,
+      ``mode``, ``sw_batch_size``, ``roi_size`` (default: the contract's output patch) and
+      ``sigma_scale`` (MONAI's names);
+      ``refine``: 'cg' (default), 'closed' (one-shot k-space, weight ``refine_lam``) or
+      'none'/None; ``refine_mu=...``, ``refine_tv_weight=0`` (the quadratic solve), ...
+      override ``contract['refine']``;
+      ``rotate_above_deg``: B0 tilts (from the model's axis) above this are rotated onto the
+      axis for the network and back; None = the largest tilt the model was trained on (its
+      contract). The network alone can do better on a rotated field even within its training
+      range (docs/history/MODEL_CARD_log.md); the refinement always uses the true B0;
+      ``threads`` (TF intra-op threads, before TF initialises only), ``progress`` (a bar over
+      windows).
     backend: an already loaded back-end (reused across calls; overrides model/server/rest_url).
     magnitude: optional magnitude image [X, Y, Z] (any scale): the refinement uses it as the
       contract's ``refine`` says (magnitude edges, noise weighting; `refine` module), else
       it is ignored.
-    rotate_above_deg: B0 tilts (from the model's axis) above this are rotated onto the axis for
-      the network and back; None = the largest tilt the model was trained on (its contract).
-      The network alone can do better on a rotated field even within its training range
-      (docs/history/MODEL_CARD_log.md); the refinement always uses the true B0.
 
   Returns:
     ``(chi_ppm float32 [X, Y, Z] zero outside the mask, info)``; info holds the model and its
@@ -106,46 +85,30 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     InputError: bad inputs or options, or no model.
   """
   t_start = time.perf_counter()
+  options = (QsmganOptions.from_kwargs(**option_kwargs) if options is None
+             else options.replace(**option_kwargs))
   field, mask, voxel, b0 = _validate(field_ppm, mask, voxel_size_mm, b0_dir)
-  inference = {"tiled": "sliding_window", "sliding": "sliding_window"}.get(inference, inference)
-  if inference not in INFERENCE_MODES:
-    raise InputError(f"inference must be one of {', '.join(INFERENCE_MODES)}, got {inference!r}")
-  try:
-    method = refine_lib.resolve_method(refine)
-  except ValueError as exc:
-    raise InputError(str(exc)) from None
-  if mode not in BLEND_MODES:
-    raise InputError(f"mode must be one of {', '.join(BLEND_MODES)}, got {mode!r}")
-  configure_threads(threads)
+  inference, method, precision = options.inference, options.refine, options.precision
+  configure_threads(options.threads)
   own_backend = backend is None
   if own_backend:
-    backend = load_backend(model, server, rest_url, precision)
+    backend = load_backend(options.model, options.server, options.rest_url, precision)
   try:
     contract = backend.contract
     geo = network_geometry(contract)
-    contract_params = refine_lib.resolve_params(contract)
+    contract_params = refine_lib.RefineParams.resolve(contract)
     try:
-      params = refine_lib.resolve_params(contract, mu=refine_mu, iterations=refine_iterations,
-                                         margin=refine_margin, tv_weight=refine_tv_weight,
-                                         reweights=refine_reweights,
-                                         edge_fraction=refine_edge_fraction,
-                                         edge_refresh=refine_edge_refresh,
-                                         residual_margin=refine_residual_margin,
-                                         fit_offset=refine_fit_offset,
-                                         noise_reference_ppm=refine_noise_reference_ppm,
-                                         smv_radius_mm=refine_smv_radius_mm,
-                                         data_erosion_mm=refine_data_erosion_mm,
-                                         fit_level=refine_fit_level)
+      params = options.refine_params(contract)
       magnitude = refine_lib.check_magnitude(magnitude, mask)
     except ValueError as exc:
       raise InputError(str(exc)) from None
-    if magnitude is None or not refine_lib.uses_magnitude(params):
+    if magnitude is None or not params.uses_magnitude:
       magnitude = None  # nothing would use it: the graphs without a magnitude input serve
-      params = refine_lib.without_magnitude(params)
-      contract_params = refine_lib.without_magnitude(contract_params)
-    if (backend.kind != "keras" and roi_size is not None
-        and int(roi_size) != geo["output_patch"]):
-      raise InputError(f"roi_size {roi_size}: an exported model serves fixed "
+      params = params.without_magnitude()
+      contract_params = contract_params.without_magnitude()
+    if (backend.kind != "keras" and options.roi_size is not None
+        and int(options.roi_size) != geo["output_patch"]):
+      raise InputError(f"roi_size {options.roi_size}: an exported model serves fixed "
                        f"{geo['input_patch']}^3 -> {geo['output_patch']}^3 patches")
     if backend.kind != "keras" and precision != "float32":
       logging.warning("precision=%s applies to Keras generators only; the %s model runs as "
@@ -154,8 +117,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       logging.info("REST serving sends patches: using the sliding window")
       inference = "sliding_window"
 
-    tolerance = (model_b0_tolerance_deg(contract) if rotate_above_deg is None
-                 else float(rotate_above_deg))
+    tolerance = (model_b0_tolerance_deg(contract) if options.rotate_above_deg is None
+                 else float(options.rotate_above_deg))
     frame = ModelFrame(mask, voxel, b0, model_voxel_sizes(contract), model_b0_axis(contract),
                        tolerance)
     if not frame.model_voxel_known:
@@ -187,15 +150,17 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       if reference_std > 0:
         info["network_field_scale"] = field_amplitude_scale(field, mask, reference_std)
       info["network_pass"] = _network_plan(backend, mask)
-      outputs = backend.predict_volume(field, mask.astype(np.float32), b0.astype(np.float32),
-                                       np.asarray(voxel, np.float32), magnitude)
+      outputs = backend.predict_volume(field, mask.astype(np.float32),
+                                       np.asarray(voxel, np.float32), b0.astype(np.float32),
+                                       magnitude)
     uses_magnitude = {"magnitude": magnitude is not None}
     if outputs is not None:
       chi = outputs["chi_ppm"]
       timings["network_and_refine_s"] = time.perf_counter() - t0
-      info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": True,
-                        **refine_lib.noise_info(field, mask, params),
-                        **refine_lib.shrinkage_info(field, mask, voxel, b0, params)}
+      values = params.as_dict()
+      info["refine"] = {"method": "cg", **values, **uses_magnitude, "in_graph": True,
+                        **refine_lib.noise_info(field, mask, values),
+                        **refine_lib.shrinkage_info(field, mask, voxel, b0, values)}
       if "tv_weight_used" in outputs:  # models exported before it was an output lack it
         info["refine"]["tv_weight_used"] = float(outputs["tv_weight_used"])
       info["residual_before"] = float(outputs["residual_before"])
@@ -210,34 +175,23 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
       else:
         scale = np.float32(info.get("network_field_scale", 1.0))
         chi_m, info["sliding_window"] = sliding_window(
-            field_m * scale, mask_m, backend.patch_fn, roi_size=roi_size or geo["output_patch"],
-            margin=geo["margin"], multiple=geo["multiple"], overlap=overlap, mode=mode,
-            sigma_scale=sigma_scale, sw_batch_size=sw_batch_size, progress=progress)
+            field_m * scale, mask_m, backend.patch_fn,
+            roi_size=options.roi_size or geo["output_patch"], margin=geo["margin"],
+            multiple=geo["multiple"], overlap=options.overlap, mode=options.mode,
+            sigma_scale=options.sigma_scale, sw_batch_size=options.sw_batch_size,
+            progress=options.progress)
         chi_m = chi_m / scale
       chi_net = frame.backward(chi_m, mask_m)
       timings["network_s"] = time.perf_counter() - t0
       t1 = time.perf_counter()
-      if method == "cg":
-        chi, tv_used = run_refine_tf(chi_net, field, mask, b0, voxel, params, magnitude,
-                                     return_weight=True)
-        info["refine"] = {"method": "cg", **params, **uses_magnitude, "in_graph": False,
-                          **refine_lib.noise_info(field, mask, params),
-                          **refine_lib.shrinkage_info(field, mask, voxel, b0, params),
-                          "tv_weight_used": tv_used}
-      elif method == "closed":
-        lam = refine_lib.CLOSED_FORM_DEFAULTS["lam"] if refine_lam is None else float(refine_lam)
-        chi = refine_lib.refine_closed_form(chi_net, field, mask, voxel, b0, lam,
-                                            params["margin"])
-        info["refine"] = {"method": "closed", "lam": lam, "margin": params["margin"]}
-      else:
-        chi = chi_net
-        info["refine"] = {"method": "none"}
+      chi, refined = refine_lib.refine(chi_net, field, mask, voxel, b0, params, method=method,
+                                       magnitude=magnitude, lam=options.refine_lam, engine="tf")
       timings["refine_s"] = time.perf_counter() - t1
-      residual = _residual_tf_fn()
-      geometry = (mask.astype(np.float32), b0.astype(np.float32), np.asarray(voxel, np.float32))
-      info["residual_before"] = float(residual(chi_net, field, *geometry))
-      info["residual_after"] = (info["residual_before"] if method == "none" else
-                                float(residual(np.asarray(chi, np.float32), field, *geometry)))
+      info["residual_before"] = refined.pop("residual_before")
+      info["residual_after"] = refined.pop("residual_after")
+      if method == "cg":
+        refined.update(uses_magnitude, in_graph=False)
+      info["refine"] = refined
     timings["total_s"] = time.perf_counter() - t_start
     info.update(backend.describe())
     info["seconds"] = {k: round(v, 3) for k, v in timings.items()}

@@ -23,7 +23,7 @@ ppm^2/mm^2) and running ``iterations`` CG steps from the current chi. With ``edg
 M_G is taken again, at every step after the first, from the current chi instead of chi_net:
 after one step the refined map is far closer to the truth than the network's (its edges
 included), so later steps smooth away from better edges. It needs no magnitude
-image, so the SavedModel's ``predict_volume`` signature (field, mask, B0, voxel size) can run
+image, so the SavedModel's ``predict_volume`` signature (field, mask, voxel size, B0) can run
 it. Its parameters are chosen on validation phantoms and recorded in the model's contract.
 
 When a magnitude image is given (``predict --magnitude``, the ``predict_volume_magnitude``
@@ -39,9 +39,10 @@ Without a magnitude both are ignored.
 
 Speed: the solve runs on the mask's bounding box padded by ``margin`` voxels a side to a fast
 FFT size, not on a 2x grid (chi is zero outside the mask, so the periodic images of the
-sources are at least ``2 * margin`` voxels away from the mask). BUILD.md quotes the measured
-effect of the margin on accuracy and time. A larger margin is more physical (a head's field
-does not wrap around) but makes every CG step dearer; ``residual_margin`` buys most of it for
+sources are at least ``2 * margin`` voxels away from the mask). docs/history/BUILD_log.md
+("The FFT margin, with a trained network") quotes the measured effect of the margin on
+accuracy and time. A larger margin is more physical (a head's field does not wrap around) but
+makes every CG step dearer; ``residual_margin`` buys most of it for
 a few large-grid FFTs: each of the ``reweights`` steps starts from the data residual
 ``A^T (W field - A chi)`` computed on the box padded by ``residual_margin``, and only the CG
 steps (the approximate inverse) run on the ``margin`` grid. This is defect correction
@@ -51,8 +52,9 @@ grid's error, so enough steps converge to it (tests/test_refine.py).
 A local field is only defined up to a constant: background-field removal leaves an arbitrary
 offset, and a periodic FFT grid adds one of its own (the mean field of the sources' periodic
 images, which depends on the cell's shape in mm: on a 1x1x2 mm grid it is most of the data
-term's model error, at 1 mm a small part, BUILD.md "The field offset"). ``fit_offset = 1``
-fits that constant jointly with chi, ``min_{chi, c} ||W (D chi + c - field)||^2 + ...``, by
+term's model error, at 1 mm a small part, docs/history/BUILD_log.md "The field offset").
+``fit_offset = 1`` fits that constant jointly with chi,
+``min_{chi, c} ||W (D chi + c - field)||^2 + ...``, by
 projecting the weighted data residual orthogonally to ``W M`` (``P y = y - u <u, y> / <u, u>``,
 ``u = W M``; the minimum over c in closed form), on both grids. ``fit_offset = n > 1`` fits a
 polynomial of degree ``n - 1`` the same way (``P y = y - Q Q^T y``, ``Q`` an orthonormal basis
@@ -65,8 +67,9 @@ that is harmonic inside it (a uniformly magnetised body has surface sources only
 background removal takes out of a real field, and its size depends on the mask's shape alone.
 The solve cannot learn the level from the data, but it does see the level's field whenever the
 network's level differs from the one the field implies, and explains that field with chi: a
-prior shifted by 0.05 ppm took a simulated brain from 8.7 to 24-29 % NRMSE (BUILD.md "The
-prior's level"). ``fit_level = 1`` adds ``B 1`` (the weighted field of a uniform chi over the
+prior shifted by 0.05 ppm took a simulated brain from 8.7 to 24-29 % NRMSE
+(docs/history/BUILD_log.md "The prior's level"). ``fit_level = 1`` adds ``B 1`` (the weighted
+field of a uniform chi over the
 mask, taken on the residual's grid for both grids: the CG grid's own, with its near periodic
 images, would give its steps a near-null direction the residual's grid lacks, and defect
 correction diverged along it on a simulated shape phantom) to the fitted basis of ``P``: the
@@ -76,7 +79,7 @@ the gradient components that cross the mask's edge out of the L1 term, its edge 
 L-curve's TV (`interior_pairs`): the uniform chi is then in the null space of the whole
 problem, the map's level is the network's, and the rest of the solve does not depend on it (a
 prior shifted by c gives the same map shifted by c, tests/test_refine.py). On simulated fields
-with edge remnants that pull at the rim, 2 lost what 1 keeps (BUILD.md).
+with edge remnants that pull at the rim, 2 lost what 1 keeps (docs/history/BUILD_log.md).
 
 Real fields are noisier than a clean simulation and carry model errors (background remnants,
 anisotropy, non-white noise): with weights chosen on clean phantoms the solve fits them, and
@@ -150,24 +153,27 @@ Residuals for the sidecar (`field_residual`, `field_residual_tf`) follow
 ``chi = F^-1[(D F[field] + lam F[chi_net]) / (D^2 + lam)]`` (no mask in the data term).
 
 Modules (each imports only those above it; this package re-exports their public names):
-  * `params`: `DEFAULTS`, `resolve_params`, `resolve_method`, the input checks;
+  * `params`: `RefineParams`, `DEFAULTS`, `resolve_params`, `resolve_method`, the input checks;
   * `terms`: the solve's NumPy terms (`edge_weights`, `interior_pairs`, the weighted data
     operator, the offset and level projection, the SMV filter, the erosions);
   * `lcurve`: the L-curve continuation of the L1 weight;
   * `statistics`: `field_noise_ppm`, `regularisation_scale`, `robust_weights` and their
     TensorFlow twins (exact medians without sorting), the sidecar's `noise_info` and
     `shrinkage_info`;
-  * `reference`: `refine_cg`, `refine_closed_form`, `field_residual` and `refine` by name;
-  * `graph`: `refine_tf` and `field_residual_tf`.
+  * `reference`: `refine_cg` (the NumPy oracle), `refine_closed_form`, `field_residual`;
+  * `graph`: `refine_tf`, `field_residual_tf` and their traced forms (`run_refine_tf`);
+  * `entry`: `refine`, the one entry by name (`RefineParams`, engine 'tf' or 'numpy').
 TensorFlow is imported inside the TensorFlow functions only: importing this package does not
 load it (the classical path and ``--help`` run without it).
 """
 
-from qsmgan_tf.refine.graph import field_residual_tf, refine_tf
+from qsmgan_tf.refine.graph import (field_residual_tf, refine_tf, run_refine_tf,
+                                    traced_field_residual_tf, traced_refine_tf)
 from qsmgan_tf.refine.params import (CLOSED_FORM_DEFAULTS, DEFAULTS, MAX_FIT_OFFSET, METHODS,
-                                     check_magnitude, resolve_method, resolve_params,
+                                     RefineParams, check_magnitude, resolve_method, resolve_params,
                                      uses_magnitude, without_magnitude)
-from qsmgan_tf.refine.reference import field_residual, refine, refine_cg, refine_closed_form
+from qsmgan_tf.refine.entry import ENGINES, refine
+from qsmgan_tf.refine.reference import field_residual, refine_cg, refine_closed_form
 from qsmgan_tf.refine.statistics import (field_noise_ppm, field_noise_tf, noise_info,
                                          regularisation_scale, regularisation_scale_tf,
                                          robust_weights, robust_weights_tf, shrinkage_info)

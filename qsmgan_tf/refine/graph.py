@@ -1,12 +1,17 @@
 """The refinement in TensorFlow (`refine_tf`: dynamic shapes, float32; for the SavedModel's
-signatures and local inference) and its field residual.
+signatures and local inference), its field residual, and both traced once for NumPy inputs
+(`run_refine_tf`, `traced_field_residual_tf`: the local runs' engine).
 
 TensorFlow is imported inside the functions: importing this package does not load it."""
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from qsmgan_tf import fine_shrinkage as shrinkage_lib
-from qsmgan_tf.refine.params import DEFAULTS, MAX_FIT_OFFSET
+from qsmgan_tf.refine.params import DEFAULTS, MAX_FIT_OFFSET, without_magnitude
 from qsmgan_tf.refine.statistics import (_order_statistics_tf, field_noise_tf,
                                          regularisation_scale_tf, robust_weights_tf)
 from qsmgan_tf.refine.terms import _ERODED_MIN, _POLY_SCALE_MM, _monomial_exponents
@@ -44,7 +49,7 @@ def _edge_weights_tf(x, m, voxel_size_mm, edge_fraction, support=None):
   return tf.where(edge_fraction > 0, edges, tf.ones_like(edges))
 
 
-def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"],
+def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"],
               iterations=DEFAULTS["iterations"], margin=DEFAULTS["margin"],
               tv_weight=DEFAULTS["tv_weight"], edge_fraction=DEFAULTS["edge_fraction"],
               reweights=DEFAULTS["reweights"], tv_eps=DEFAULTS["tv_eps"],
@@ -60,7 +65,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
               lcurve_reweights=DEFAULTS["lcurve_reweights"],
               fine_shrinkage=DEFAULTS["fine_shrinkage"], fit_level=DEFAULTS["fit_level"],
               robust_data=DEFAULTS["robust_data"], magnitude=None, return_weight=False):
-  """CG data-consistency refinement in TensorFlow; same maths and defaults as `reference.refine_cg`.
+  """CG data-consistency refinement in TensorFlow; same maths, defaults and argument order as
+  `reference.refine_cg`.
 
   Works in a tf.function with dynamic shapes (float32 CG on complex64 FFTs).
 
@@ -68,8 +74,8 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
     chi_net: network susceptibility, ppm, float32 [X, Y, Z].
     field_ppm: local field, ppm of B0, float32 [X, Y, Z].
     mask: brain mask [X, Y, Z] (> 0.5 is inside; must not be empty).
-    b0_dir: TRUE B0 direction in this grid's voxel frame, float [3].
     voxel_size_mm: voxel size, mm, float [3].
+    b0_dir: TRUE B0 direction in this grid's voxel frame, float [3].
     mu: prior weight (scalar, Python or tensor).
     iterations: CG iterations per (re)weighting step (scalar, Python or tensor).
     margin: zero margin around the mask's bounding box, voxels (scalar).
@@ -377,9 +383,9 @@ def refine_tf(chi_net, field_ppm, mask, b0_dir, voxel_size_mm, mu=DEFAULTS["mu"]
   return (chi, tv_weight) if return_weight else chi
 
 
-def field_residual_tf(chi_ppm, field_ppm, mask, b0_dir, voxel_size_mm):
-  """`reference.field_residual` in TensorFlow (2x padding of the mask's box, mask-demeaned);
-  scalar."""
+def field_residual_tf(chi_ppm, field_ppm, mask, voxel_size_mm, b0_dir):
+  """`reference.field_residual` in TensorFlow (2x padding of the mask's box, mask-demeaned;
+  the same argument order); scalar."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from qsmgan_tf import physics_tf  # pylint: disable=import-outside-toplevel
 
@@ -388,3 +394,48 @@ def field_residual_tf(chi_ppm, field_ppm, mask, b0_dir, voxel_size_mm):
   field = tf.slice(tf.convert_to_tensor(field_ppm, tf.float32), begin, size)
   return physics_tf.field_residual(chi, field, tf.slice(m, begin, size), voxel_size_mm, b0_dir,
                                    pad_factor=2.0)
+
+
+def _local_specs():
+  """Unnamed specs of the traced helpers' volume inputs: chi, field, mask, voxel, b0 (the
+  positional order of `refine_tf` and `field_residual_tf`)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return [tf.TensorSpec([None, None, None], tf.float32)] * 3 + [
+      tf.TensorSpec([3], tf.float32)] * 2
+
+
+@functools.cache
+def traced_refine_tf():
+  """`refine_tf` traced once, its parameters and magnitude as tensors (no retrace per value);
+  returns ``(chi_ppm, tv_weight_used)``."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  scalars = [tf.TensorSpec([], tf.float32 if isinstance(v, float) else tf.int32)
+             for v in DEFAULTS.values()]
+  return tf.function(functools.partial(refine_tf, return_weight=True),
+                     input_signature=_local_specs() + scalars + [
+                         tf.TensorSpec([None, None, None], tf.float32)])
+
+
+def run_refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, params: dict,
+                  magnitude=None, return_weight: bool = False):
+  """`traced_refine_tf` on NumPy inputs with a `params.resolve_params` dict and an optional
+  magnitude (without one, the parameters' magnitude uses are switched off); chi_ppm, or
+  ``(chi_ppm, tv_weight_used)`` with ``return_weight``."""
+  if magnitude is None:
+    params = without_magnitude(params)
+    magnitude = mask
+  scalars = {k: np.asarray(v, np.float32 if isinstance(DEFAULTS[k], float) else np.int32)
+             for k, v in params.items()}
+  chi, weight = traced_refine_tf()(
+      np.asarray(chi_net, np.float32), np.asarray(field_ppm, np.float32),
+      np.asarray(mask, np.float32), np.asarray(voxel_size_mm, np.float32),
+      np.asarray(b0_dir, np.float32), **scalars,
+      magnitude=np.asarray(magnitude, np.float32))
+  return (chi.numpy(), float(weight)) if return_weight else chi.numpy()
+
+
+@functools.cache
+def traced_field_residual_tf():
+  """`field_residual_tf` traced once (faster than the SciPy version)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.function(field_residual_tf, input_signature=_local_specs())

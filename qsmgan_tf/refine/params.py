@@ -1,46 +1,146 @@
-"""Refinement parameters: the library defaults, their resolution from a contract and
-overrides, the method names, and the checks of the inputs."""
+"""Refinement parameters: `RefineParams` (typed, frozen, the library defaults; `DEFAULTS` is
+the same as a dict), their resolution from a contract and overrides, the method names, and the
+checks of the inputs."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from qsmgan_tf.classical import operators
 
-DEFAULTS = {"mu": 0.003, "iterations": 15, "margin": operators.DEFAULT_MARGIN,
-            "tv_weight": 0.0, "edge_fraction": 0.3, "reweights": 1, "tv_eps": 1e-4,
-            "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0, "edge_refresh": 0,
-            "residual_margin": 0, "fit_offset": 0, "noise_reference_ppm": 0.0,
-            "smv_radius_mm": 0.0, "data_erosion_mm": 0.0, "lcurve_stages": 0,
-            "lcurve_factor": 4.0, "lcurve_slope": 0.5, "lcurve_reweights": 2,
-            "fine_shrinkage": 0, "fit_level": 0, "robust_data": 0.0}
-"""Refinement defaults of the library (a model's contract overrides them as
-``contract['refine']``): the quadratic solve (``tv_weight`` 0) chosen on simulated validation
-phantoms with a degraded-truth prior by ``python benchmarks/inference.py --study=refine``
-(BUILD.md). A contract that sets ``tv_weight > 0`` adds the L1 edge prior;
-``magnitude_edge_fraction`` and ``magnitude_weighting`` act only when a magnitude is given;
-``noise_reference_ppm > 0`` scales ``mu`` and ``tv_weight`` by the scan's own noise
-(`statistics.regularisation_scale`); ``smv_radius_mm > 0`` compares fields after the SMV high-pass
-(background remnants ignored); ``data_erosion_mm > 0`` leaves the voxels that close to the mask's
-edge out of the data term; ``lcurve_stages > 0`` raises the L1 weight per scan while the
-L-curve is steep; ``fine_shrinkage = 1`` weighs the solve's correction per band of k by the
-field's own signal-to-noise (`fine_shrinkage`); ``fit_level`` 1 or 2 leaves chi's uniform
-level to the network (the data term does not see it; with 2, nor the L1 term);
-``robust_data > 0`` solves again with Huber weights on the first solve's data residual."""
-
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
 
 
-def uses_magnitude(params: dict) -> bool:
-  """Whether refinement parameters (`resolve_params`) would use a magnitude image."""
-  return ((params["tv_weight"] > 0 and params["magnitude_edge_fraction"] > 0)
-          or bool(params["magnitude_weighting"]))
+@dataclasses.dataclass(frozen=True)
+class RefineParams:
+  """The refinement's parameters, typed; the defaults are the library's (a model's contract
+  overrides them as ``contract['refine']``; `resolve` reads it). The package docstring has the
+  maths of each term.
+
+  The quadratic solve (``tv_weight`` 0) was chosen on simulated validation phantoms with a
+  degraded-truth prior by ``python benchmarks/inference.py --study=refine`` (BUILD.md).
+  """
+
+  mu: float = 0.003
+  """Weight of the quadratic pull towards the network's map."""
+  iterations: int = 15
+  """CG iterations per solve."""
+  margin: int = operators.DEFAULT_MARGIN
+  """Zero padding of the mask's box for the solve's FFTs, voxels."""
+  tv_weight: float = 0.0
+  """Weight of the L1 edge prior (0: the quadratic solve)."""
+  edge_fraction: float = 0.3
+  """Share of the largest gradients of the map counted as edges (not penalised)."""
+  reweights: int = 1
+  """IRLS steps of the L1 term."""
+  tv_eps: float = 1e-4
+  """Smoothing of |grad chi| in the IRLS weights, ppm/mm."""
+  magnitude_edge_fraction: float = 0.0
+  """Share of edges taken from the magnitude image (only with one)."""
+  magnitude_weighting: int = 0
+  """1: the data term weighted by the magnitude (only with one)."""
+  edge_refresh: int = 0
+  """Recompute the edges from the refined map this many times."""
+  residual_margin: int = 0
+  """Margin of the large grid on which the residual is computed (defect correction), voxels."""
+  fit_offset: int = 0
+  """Polynomial background fitted beside chi: 1 constant ... `MAX_FIT_OFFSET` degree 3."""
+  noise_reference_ppm: float = 0.0
+  """> 0: ``mu`` and ``tv_weight`` scale with the scan's own noise over this reference."""
+  smv_radius_mm: float = 0.0
+  """> 0: fields compared after an SMV high-pass (background remnants ignored)."""
+  data_erosion_mm: float = 0.0
+  """> 0: voxels this close to the mask's edge left out of the data term."""
+  lcurve_stages: int = 0
+  """> 0: the L1 weight raised per scan while its L-curve is steep, at most this many times."""
+  lcurve_factor: float = 4.0
+  """The L1 weight's factor per L-curve stage (> 1)."""
+  lcurve_slope: float = 0.5
+  """The L-curve slope below which a stage counts as flat."""
+  lcurve_reweights: int = 2
+  """IRLS steps per L-curve stage."""
+  fine_shrinkage: int = 0
+  """1: the correction weighed per band of k by the field's own signal-to-noise."""
+  fit_level: int = 0
+  """1 or 2: chi's uniform level left to the network (2: the L1 term does not see it either)."""
+  robust_data: float = 0.0
+  """> 0: a second solve with Huber weights at this many robust deviations of the residual."""
+
+  @classmethod
+  def resolve(cls, contract=None, **overrides) -> RefineParams:
+    """Explicit overrides, else ``contract['refine']``, else the defaults; None values are
+    ignored, unknown keys too (a contract may carry keys of a later version).
+
+    Raises:
+      ValueError: a value that is not of its parameter's type (e.g. an evaluate spec's
+        ``refine_reweights=x``) or out of its range, named in the message.
+    """
+    if isinstance(contract, RefineParams):
+      return contract.replace(**overrides)
+    values = {}
+    for source in ((contract or {}).get("refine") or {}, overrides):
+      for key, value in source.items():
+        if key in _FIELD_TYPES and value is not None:
+          try:
+            values[key] = _FIELD_TYPES[key](value)
+          except (TypeError, ValueError):
+            raise ValueError(f"refinement parameter {key}: bad value {value!r}") from None
+    return cls(**values)
+
+  def __post_init__(self):
+    for key, ok, rule in (
+        ("fit_level", self.fit_level in (0, 1, 2), "0, 1 or 2"),
+        ("fit_offset", 0 <= self.fit_offset <= MAX_FIT_OFFSET, f"in 0..{MAX_FIT_OFFSET}"),
+        ("data_erosion_mm", self.data_erosion_mm >= 0, ">= 0"),
+        ("robust_data", self.robust_data >= 0, ">= 0"),
+        ("lcurve_stages", self.lcurve_stages >= 0, ">= 0"),
+        ("lcurve_factor", self.lcurve_factor > 1, "> 1"),
+        ("lcurve_reweights", self.lcurve_reweights >= 1, ">= 1")):
+      if not ok:
+        raise ValueError(f"refinement parameter {key}: {getattr(self, key)} must be {rule}")
+
+  def replace(self, **changes) -> RefineParams:
+    """A copy with ``changes`` (None values ignored), typed and checked as in `resolve`."""
+    return RefineParams.resolve({"refine": self.as_dict()}, **changes)
+
+  def as_dict(self) -> dict:
+    """``{name: value}`` in field order: the keyword arguments of `refine_cg`/`refine_tf`."""
+    return dataclasses.asdict(self)
+
+  @property
+  def uses_magnitude(self) -> bool:
+    """Whether these parameters would use a magnitude image."""
+    return ((self.tv_weight > 0 and self.magnitude_edge_fraction > 0)
+            or bool(self.magnitude_weighting))
+
+  def without_magnitude(self) -> RefineParams:
+    """These parameters with the magnitude's uses off: what runs when no magnitude is given."""
+    return dataclasses.replace(self, magnitude_edge_fraction=0.0, magnitude_weighting=0)
+
+
+_FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(RefineParams)}
+
+DEFAULTS = RefineParams().as_dict()
+"""`RefineParams`' defaults as a dict (the keys a contract's ``refine`` entry holds)."""
+
+
+def uses_magnitude(params) -> bool:
+  """Whether refinement parameters (a `resolve_params` dict or `RefineParams`) would use a
+  magnitude image."""
+  return _as_params(params).uses_magnitude
 
 
 def without_magnitude(params: dict) -> dict:
-  """``params`` with the magnitude's uses off: what runs when no magnitude is given."""
+  """``params`` (a dict) with the magnitude's uses off: what runs when no magnitude is given."""
   return {**params, "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0}
+
+
+def _as_params(params) -> RefineParams:
+  return params if isinstance(params, RefineParams) else RefineParams.resolve({"refine": params})
+
 
 CLOSED_FORM_DEFAULTS = {"lam": 0.01, "margin": operators.DEFAULT_MARGIN}
 """Closed-form k-space variant: Tikhonov weight towards chi_net, padding margin (voxels)."""
@@ -48,41 +148,14 @@ CLOSED_FORM_DEFAULTS = {"lam": 0.01, "margin": operators.DEFAULT_MARGIN}
 METHODS = ("cg", "closed", "none")
 
 
-def resolve_params(contract: dict | None = None, **overrides) -> dict:
-  """CG parameters: explicit overrides, else ``contract['refine']``, else `DEFAULTS`.
-
-  Args:
-    contract: model contract or None.
-    **overrides: mu / iterations / margin; None values are ignored.
-
-  Returns:
-    dict with exactly the keys of `DEFAULTS`, typed like them.
+def resolve_params(contract=None, **overrides) -> dict:
+  """`RefineParams.resolve` as a dict with exactly the keys of `DEFAULTS`, typed like them
+  (the form the solves' keyword arguments and the sidecars take).
 
   Raises:
-    ValueError: a value that is not of its parameter's type (e.g. an evaluate spec's
-      ``refine_reweights=x``), named in the message.
+    ValueError: a bad value, named in the message.
   """
-  out = dict(DEFAULTS)
-  for source in (((contract or {}).get("refine") or {}), overrides):
-    for key, value in source.items():
-      if key in out and value is not None:
-        try:
-          out[key] = type(DEFAULTS[key])(value)
-        except (TypeError, ValueError):
-          raise ValueError(f"refinement parameter {key}: bad value {value!r}") from None
-  if out["fit_level"] not in (0, 1, 2):
-    raise ValueError(f"refinement parameter fit_level: {out['fit_level']} is not 0, 1 or 2")
-  if not 0 <= out["fit_offset"] <= MAX_FIT_OFFSET:
-    raise ValueError(f"refinement parameter fit_offset: {out['fit_offset']} is not in "
-                     f"0..{MAX_FIT_OFFSET}")
-  for key, ok, rule in (("data_erosion_mm", out["data_erosion_mm"] >= 0, ">= 0"),
-                        ("robust_data", out["robust_data"] >= 0, ">= 0"),
-                        ("lcurve_stages", out["lcurve_stages"] >= 0, ">= 0"),
-                        ("lcurve_factor", out["lcurve_factor"] > 1, "> 1"),
-                        ("lcurve_reweights", out["lcurve_reweights"] >= 1, ">= 1")):
-    if not ok:
-      raise ValueError(f"refinement parameter {key}: {out[key]} must be {rule}")
-  return out
+  return RefineParams.resolve(contract, **overrides).as_dict()
 
 
 def resolve_method(method) -> str:

@@ -1,5 +1,5 @@
-"""The NumPy/SciPy reference of the refinement (float64 CG, `refine_cg`), the closed form,
-the field residual and the dispatcher by name (`refine`) with the sidecar's record."""
+"""The NumPy/SciPy reference of the refinement (float64 CG, `refine_cg`: the test oracle of the
+TensorFlow graph), the closed form and the field residual. `entry.refine` runs them by name."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from qsmgan_tf import fine_shrinkage as shrinkage_lib
 from qsmgan_tf import physics
 from qsmgan_tf.classical import operators
 from qsmgan_tf.refine.lcurve import _lcurve_continuation, _lcurve_point
-from qsmgan_tf.refine.params import (CLOSED_FORM_DEFAULTS, DEFAULTS, _check_inputs,
-                                     check_magnitude, resolve_method, resolve_params,
-                                     without_magnitude)
-from qsmgan_tf.refine.statistics import (field_noise_ppm, noise_info, regularisation_scale,
-                                         robust_weights, shrinkage_info)
+from qsmgan_tf.refine.params import CLOSED_FORM_DEFAULTS, DEFAULTS, _check_inputs, check_magnitude
+from qsmgan_tf.refine.statistics import field_noise_ppm, regularisation_scale, robust_weights
 from qsmgan_tf.refine.terms import (_data_erosion, _level_field, _smv_data,
                                     _weighted_operator, edge_weights, interior_pairs)
 
@@ -267,50 +264,3 @@ def field_residual(chi_ppm, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0),
   box = physics.bounding_box(mask)
   return physics.field_residual(chi_ppm[box] * mask[box], field_ppm[box], mask[box],
                                 voxel_size_mm, b0_dir)
-
-
-def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-           method: str = "cg", mu: float | None = None, iterations: int | None = None,
-           margin: int | None = None, lam: float | None = None, contract: dict | None = None,
-           magnitude=None):
-  """Refinement by name, with residuals for the sidecar (NumPy).
-
-  Args:
-    chi_net, field_ppm, mask, voxel_size_mm, b0_dir: as `refine_cg`.
-    method: 'cg', 'closed' or 'none'.
-    mu, iterations, margin: CG parameters; None takes ``contract['refine']`` then `DEFAULTS`.
-    lam: closed-form weight; None takes `CLOSED_FORM_DEFAULTS`.
-    contract: model contract (its ``refine`` entry supplies defaults).
-    magnitude: optional magnitude image (used as the contract's parameters say).
-
-  Returns:
-    ``(chi_ppm, info)``, info with the method, its parameters, the L1 weight used
-    (``tv_weight_used``, cg only) and the relative field residual (`field_residual`) before and
-    after.
-
-  Raises:
-    ValueError: unknown method, bad shapes or an empty mask.
-  """
-  method = resolve_method(method)
-  params = resolve_params(contract, mu=mu, iterations=iterations, margin=margin)
-  if magnitude is None:
-    params = without_magnitude(params)
-  chi_net, field_ppm, mask = _check_inputs(chi_net, field_ppm, mask)
-  chi_net = chi_net * mask
-  before = field_residual(chi_net, field_ppm, mask, voxel_size_mm, b0_dir)
-  if method == "none":
-    return chi_net, {"method": "none", "residual_before": before, "residual_after": before}
-  if method == "closed":
-    lam = CLOSED_FORM_DEFAULTS["lam"] if lam is None else float(lam)
-    chi = refine_closed_form(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, lam,
-                             params["margin"])
-    info = {"method": "closed", "lam": lam, "margin": params["margin"]}
-  else:
-    chi, tv_used = refine_cg(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, **params,
-                             magnitude=magnitude, return_weight=True)
-    info = {"method": "cg", **params, **noise_info(field_ppm, mask, params),
-            **shrinkage_info(field_ppm, mask, voxel_size_mm, b0_dir, params),
-            "tv_weight_used": tv_used}
-  info["residual_before"] = before
-  info["residual_after"] = field_residual(chi, field_ppm, mask, voxel_size_mm, b0_dir)
-  return chi, info
