@@ -1,6 +1,7 @@
 r"""Do `predict` and `evaluate` give the same outputs at another commit? (issue 17's check)
 
-  python benchmarks/same_outputs.py [--before=c9e8bbb] [--model=<folder in the before tree>]
+  python benchmarks/same_outputs.py [--before=c9e8bbb] [--model=<folder in the before tree>] \
+      [--voxel_size_mm=1,1,2] [--b0_dir=0.2,0,1]
 
 Extracts ``--before`` (default c9e8bbb, the last commit before issue 17 split inference.py,
 records.py, refine.py and the data_prep and training modules) into a temporary folder with
@@ -38,6 +39,10 @@ _MODEL = flags.DEFINE_string("model", None, "SavedModel folder (default: the bef
                              "newest saved_models/qsmgan/<version>).")
 _SEED = flags.DEFINE_integer("seed", 4242, "Phantom seed.")
 _SHAPE = flags.DEFINE_string("shape", "56,60,52", "Phantom grid i,j,k.")
+_VOXEL = flags.DEFINE_string("voxel_size_mm", "1,1,1", "Phantom voxel size, mm: one the model "
+                             "was not trained on (e.g. 1,1,2) sends predict through the model's "
+                             "frame and the refinement outside the SavedModel's graph.")
+_B0 = flags.DEFINE_string("b0_dir", "0,0,1", "Phantom B0 direction (voxel frame).")
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 # Sidecar and results.json keys that differ between runs for reasons other than the outputs.
@@ -105,7 +110,8 @@ def main(argv):
         (p for p in (before / "saved_models" / "qsmgan").iterdir() if p.name.isdigit()),
         key=lambda p: int(p.name))
     _run(_REPO, "data_prep.make_phantom", "--kind=shapes", f"--seed={_SEED.value}",
-         f"--shape={_SHAPE.value}", f"--out_dir={tmp}", "--subject_id=phantom")
+         f"--shape={_SHAPE.value}", f"--voxel_size_mm={_VOXEL.value}", f"--b0_dir={_B0.value}",
+         f"--out_dir={tmp}", "--subject_id=phantom")
     phantom = tmp / "phantom"
     trees = {"before": before, "after": _REPO}
     outs = {label: tmp / f"out-{label}" for label in trees}
