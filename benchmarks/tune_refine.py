@@ -38,7 +38,7 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                                             "margin", "edges", "correction", "correction2",
                                             "v3", "offset", "offset2", "noise",
                                             "noise2", "background", "background2",
-                                            "erosion", "lcurve", "robust"],
+                                            "erosion", "lcurve", "robust", "lcurve_cap"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -56,7 +56,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "'background2' fits it on the noise-scaled version 4; 'erosion' "
                           "leaves the mask's outer rim out of the data term (data_erosion_mm); "
                           "'lcurve' chooses the L1 weight per scan (lcurve_stages); 'robust' "
-                          "adds a Huber-weighted second solve to version 7 (robust_data).")
+                          "adds a Huber-weighted second solve to version 7 (robust_data); "
+                          "'lcurve_cap' is version 8 with one more L-curve stage.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -174,6 +175,10 @@ LCURVE_SETTINGS = [{**_LCURVE, "lcurve_slope": slope} for slope in (0.3, 0.5)]
 # residual (robust_data: the threshold in robust deviations of the residual).
 _V7 = {**_LCURVE, "lcurve_slope": 0.3, "fine_shrinkage": 1}
 ROBUST_SETTINGS = [_V7] + [{**_V7, "robust_data": c} for c in (2.0, 3.0, 4.0)]
+# Version 8's contract, and the same with one more L-curve stage: version 8's curve keeps both
+# stages (its cap, 2e-2) on most realistic tuning runs; is the cap binding?
+_V8 = {**_V7, "robust_data": 2.0}
+LCURVE_CAP_SETTINGS = [_V8, {**_V8, "lcurve_stages": 3}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
@@ -181,7 +186,7 @@ EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS,
                   "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS,
                   "erosion": EROSION_SETTINGS, "lcurve": LCURVE_SETTINGS,
-                  "robust": ROBUST_SETTINGS}
+                  "robust": ROBUST_SETTINGS, "lcurve_cap": LCURVE_CAP_SETTINGS}
 
 
 def main(argv):

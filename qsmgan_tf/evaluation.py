@@ -13,8 +13,14 @@ import re
 import time
 from typing import Any, Sequence
 
+import numpy as np
 from absl import logging
 
+import qsmgan_tf
+from qsmgan_tf import figures
+from qsmgan_tf import metrics
+from qsmgan_tf import nifti_io
+from qsmgan_tf import reconstruct
 from qsmgan_tf.errors import InputError
 
 
@@ -61,7 +67,6 @@ class MethodResult:
 
 def known_methods() -> tuple[str, ...]:
   """Method names `reconstruct.run_method` accepts."""
-  from qsmgan_tf import reconstruct  # pylint: disable=import-outside-toplevel
   return tuple(reconstruct.METHOD_NAMES)
 
 
@@ -159,7 +164,6 @@ def run_methods(specs: Sequence[MethodSpec], field_ppm, mask, voxel_size_mm, b0_
   Returns:
     One MethodResult per spec (metrics empty), with wall-clock seconds.
   """
-  from qsmgan_tf import reconstruct  # pylint: disable=import-outside-toplevel
 
   acquisition = acquisition or {}
   results = []
@@ -187,7 +191,6 @@ def run_methods(specs: Sequence[MethodSpec], field_ppm, mask, voxel_size_mm, b0_
 
 def score_results(results: Sequence[MethodResult], truth_ppm, mask, seg=None) -> None:
   """Fills each result's metrics with `metrics.evaluate` (QSM-CI + PSNR) and its time."""
-  from qsmgan_tf import metrics  # pylint: disable=import-outside-toplevel
 
   for result in results:
     scores = metrics.evaluate(result.chi_ppm, truth_ppm, mask, seg=seg)
@@ -283,9 +286,6 @@ def write_report(out_dir, results: Sequence[MethodResult], truth_ppm, mask, refe
     window_ppm: figure window for chi, ppm.
     error_window_ppm: figure window for the error maps, ppm.
   """
-  import qsmgan_tf  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import figures  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import nifti_io  # pylint: disable=import-outside-toplevel
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -335,10 +335,7 @@ def load_inputs(field, mask, truth, field_units="ppm", b0_tesla=None, te_seconds
   Returns:
     ``(inputs, truth_ppm, seg)``: a `reconstruct.Inputs`, the truth (ppm) and the labels or None.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from qsmgan_tf import nifti_io  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import reconstruct  # pylint: disable=import-outside-toplevel
 
   for flag, value in (("field", field), ("mask", mask), ("truth", truth)):
     if value is None:

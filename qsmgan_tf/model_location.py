@@ -26,6 +26,10 @@ GENERATOR_FILES = ("generator_best.keras", "generator_final.keras")
 """A training folder's generators in the order every consumer prefers them: the lowest
 validation NRMSE first, the last step's if no validation ran."""
 
+CRITIC_FILE = "critic_final.keras"
+"""The critic at the end of a training folder's last WGAN-GP stage (``--init_from`` continues
+with it, so a WGAN-GP run can go on across sessions from a folder that holds no checkpoint)."""
+
 _VERSION_RE = re.compile(r"^[0-9]+$")
 
 

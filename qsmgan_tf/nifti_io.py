@@ -15,8 +15,10 @@ import pathlib
 import tempfile
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
+from qsmgan_tf import physics
 from qsmgan_tf.errors import InputError  # also reachable as nifti_io.InputError
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -37,8 +39,6 @@ def nifti_stem(path) -> str:
 
 def load_nifti(path, what: str = "image"):
   """Loads a NIfTI image (nibabel), with clear errors for a missing or non-NIfTI file."""
-  import nibabel as nib  # pylint: disable=import-outside-toplevel
-
   path = str(path)
   if not os.path.exists(path):
     raise InputError(f"{what} file not found: {path}")
@@ -129,8 +129,6 @@ def voxel_size_mm(img) -> tuple[float, float, float]:
 
 def parse_b0_dir(text: str) -> np.ndarray:
   """Parses ``x,y,z`` into a unit vector; InputError on bad syntax or zero length."""
-  from qsmgan_tf import physics  # pylint: disable=import-outside-toplevel
-
   try:
     values = [float(v) for v in str(text).replace(" ", "").split(",")]
   except ValueError:
@@ -184,8 +182,6 @@ def write_volume(path, data: np.ndarray, reference_img) -> None:
 
   Written to a temporary file beside ``path`` and renamed: never half-written.
   """
-  import nibabel as nib  # pylint: disable=import-outside-toplevel
-
   with atomic_output(path) as tmp:
     header = reference_img.header.copy()
     header.set_data_dtype(np.float32)

@@ -44,6 +44,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import qsmgan_tf
+from qsmgan_tf import cli
+from qsmgan_tf import nifti_io
 from qsmgan_tf import reconstruct
 from qsmgan_tf.errors import InputError
 
@@ -138,10 +141,6 @@ def predict(method: str, field: str, mask: str, output: str, field_units: str = 
   Raises:
     InputError: bad input (nothing is written).
   """
-  # pylint: disable=import-outside-toplevel
-  import qsmgan_tf
-  from qsmgan_tf import nifti_io
-
   _check_output(output, (field, mask, magnitude))
   t0 = time.perf_counter()
   inputs = reconstruct.load_inputs(field, mask, field_units, b0_tesla, te_seconds, b0_dir,
@@ -197,7 +196,6 @@ def predict(method: str, field: str, mask: str, output: str, field_units: str = 
 
 
 def main(argv):
-  from qsmgan_tf import cli  # pylint: disable=import-outside-toplevel
 
   @cli.one_line_errors
   def _main(argv):

@@ -58,7 +58,8 @@ _OUTPUT_TRANSFORM = flags.DEFINE_string(
     "networks.OUTPUT_TRANSFORMS (checked before anything is written).")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Generator .keras file, model_dir or "
                                  "exported SavedModel (e.g. saved_models/qsmgan) to start from "
-                                 "(e.g. a pretrained U-Net for --stage=wgan_gp).")
+                                 "(e.g. a pretrained U-Net for --stage=wgan_gp); a model_dir's "
+                                 "critic_final.keras starts the WGAN-GP critic.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every_steps", None, "Checkpoint period, steps.")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", None, "TensorBoard scalar period, steps.")
 _VAL_STEPS = flags.DEFINE_integer("val_steps", None, "Validation batches per epoch.")

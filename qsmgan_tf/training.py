@@ -12,6 +12,12 @@ inside one strategy and precision policy, writing into ``config.model_dir``:
                          validation, and axial/coronal/sagittal slice images
   generator_best.keras   lowest validation NRMSE so far (best.json says when)
   generator_final.keras  the generator at the end of the last stage
+  critic_final.keras     the critic at the end of a WGAN-GP stage
+
+Continue in a new folder, across sessions, from a folder that keeps no checkpoints (e.g. one
+committed without ``ckpt/``): ``--init_from=<that folder>`` starts the generator from its
+``generator_best.keras`` (else ``generator_final.keras``) and a WGAN-GP stage's critic from its
+``critic_final.keras`` when it has one (optimizer states start afresh).
 
 Resume: run the same command again. Each stage restores its newest checkpoint and continues from
 its step (at most ``checkpoint_every_steps`` steps are redone); a finished stage is skipped. The
@@ -44,6 +50,7 @@ import tensorflow as tf
 from qsmgan_tf import data
 from qsmgan_tf import distribute
 from qsmgan_tf import gan
+from qsmgan_tf import model_location
 from qsmgan_tf import networks
 from qsmgan_tf import nifti_io
 from qsmgan_tf import records
@@ -51,8 +58,9 @@ from qsmgan_tf.errors import InputError
 from qsmgan_tf.training_callbacks import (BestGenerator, StageControl, SteppedTensorBoard,
                                           ValidationImages)
 from qsmgan_tf.training_config import TrainConfig, plan_stages, validate
-from qsmgan_tf.training_folder import (_checkpoint_dir, _copy_weights, _load_init_generator,
-                                       _manifest_info, build_contract, save_keras_atomic)
+from qsmgan_tf.training_folder import (_checkpoint_dir, _copy_weights, _load_init_critic,
+                                       _load_init_generator, _manifest_info, build_contract,
+                                       save_keras_atomic)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,10 +156,11 @@ def train(config: TrainConfig, datasets: tuple | None = None,
   keras.utils.set_random_seed(config.seed)
 
   gen_config = gen_config or networks.PRESETS[config.preset]
-  init_model, init_contract = (None, None)
+  init_model, init_contract, init_critic = (None, None, None)
   if config.init_from:
     # The starting weights bring their own architecture (from their contract when known).
     init_model, init_contract = _load_init_generator(config.init_from)
+    init_critic = _load_init_critic(config.init_from)
     if init_contract and "generator" in init_contract:
       gen_config = networks.GeneratorConfig.from_dict(init_contract["generator"])
   if config.output_transform:
@@ -189,7 +198,8 @@ def train(config: TrainConfig, datasets: tuple | None = None,
       summary["stages"][stage] = {"skipped": "a later stage has checkpoints"}
       continue
     summary["stages"][stage] = _run_stage(stage, steps, offset, config, strategy, generator,
-                                          gen_config, critic_config, datasets, chief, model_dir)
+                                          gen_config, critic_config, datasets, chief, model_dir,
+                                          init_critic)
 
   final = os.path.join(model_dir, "generator_final.keras")
   if chief:
@@ -210,9 +220,13 @@ def train(config: TrainConfig, datasets: tuple | None = None,
 
 
 def _run_stage(stage, steps, offset, config, strategy, generator, gen_config, critic_config,
-               datasets, chief, model_dir) -> dict[str, Any]:
+               datasets, chief, model_dir, init_critic=None) -> dict[str, Any]:
   with strategy.scope():
     critic = networks.build_critic(critic_config, gen_config) if stage == "wgan_gp" else None
+  if critic is not None and init_critic is not None:
+    # A stage checkpoint, when there is one, is restored over it below.
+    _copy_weights(init_critic, critic, f"--init_from {config.init_from} critic")
+  with strategy.scope():
     model = gan.QSMGAN(generator, critic, stage=stage, n_critic=config.n_critic,
                        lambda_gp=config.lambda_gp, lambda_adv=config.lambda_adv,
                        gradient_loss_weight=config.gradient_loss_weight,
@@ -289,6 +303,8 @@ def _run_stage(stage, steps, offset, config, strategy, generator, gen_config, cr
   result["end_step"] = end
   if critic is not None:
     result["critic_steps"] = int(model.critic_optimizer.iterations.numpy())
+    if chief:
+      save_keras_atomic(critic, os.path.join(model_dir, model_location.CRITIC_FILE))
   return result
 
 

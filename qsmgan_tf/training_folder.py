@@ -1,8 +1,8 @@
 """What a training run keeps in its ``model_dir`` besides the fit itself (the folder's layout is
 in `qsmgan_tf.training`): the model's contract (`build_contract`, with what the dataset's manifest
 says about the data), atomic .keras saves (`save_keras_atomic`), each stage's checkpoint folder
-(`_checkpoint_dir`), and the starting generator of ``--init_from`` (`_load_init_generator`,
-`_copy_weights`).
+(`_checkpoint_dir`), and the starting generator and critic of ``--init_from``
+(`_load_init_generator`, `_load_init_critic`, `_copy_weights`).
 """
 
 from __future__ import annotations
@@ -102,6 +102,22 @@ def _load_init_generator(path: str) -> tuple[keras.Model, ModelContract | None]:
     raise InputError(f"--init_from is not a loadable .keras generator: {path} ({exc})") from None
   logging.info("--init_from: generator %s", location.path)
   return model, contract
+
+
+def _load_init_critic(path: str) -> keras.Model | None:
+  """The critic ``--init_from`` names, or None: `model_location.CRITIC_FILE` beside a training
+  folder's generator (a SavedModel or a bare generator file brings none)."""
+  location = model_location.resolve_model(path)
+  critic_file = location.path.parent / model_location.CRITIC_FILE
+  if location.kind != "keras" or not critic_file.is_file():
+    return None
+  try:
+    critic = keras.models.load_model(critic_file, compile=False)
+  except Exception as exc:  # pylint: disable=broad-except
+    raise InputError(f"--init_from critic is not a loadable .keras model: {critic_file} "
+                     f"({exc})") from None
+  logging.info("--init_from: critic %s", critic_file)
+  return critic
 
 
 def _copy_weights(source: keras.Model, target: keras.Model, what: str) -> None:

@@ -136,6 +136,24 @@ def test_two_stage_run_writes_contract_models_and_tensorboard(tmp_path):
   assert any(t.startswith("val_slices") for t in _tags(tmp_path / "logs" / "images"))
 
 
+def test_init_from_a_folder_continues_with_its_critic(tmp_path):
+  """A WGAN-GP stage writes critic_final.keras; --init_from=<that folder> starts the next run's
+  critic from it (with a zero critic learning rate its weights come out unchanged), a run
+  without it starts a fresh critic."""
+  first = tmp_path / "first"
+  training.train(_config(first, stage="wgan_gp", total_steps=1, n_critic=1),
+                 datasets=_in_memory())
+  saved = keras.models.load_model(first / "critic_final.keras").get_weights()
+  outcomes = {}
+  for name, init in (("continued", str(first)), ("fresh", None)):
+    folder = tmp_path / name
+    training.train(_config(folder, stage="wgan_gp", total_steps=1, n_critic=1, critic_lr=0.0,
+                           init_from=init, seed=5), datasets=_in_memory())
+    weights = keras.models.load_model(folder / "critic_final.keras").get_weights()
+    outcomes[name] = all(np.array_equal(a, b) for a, b in zip(saved, weights))
+  assert outcomes == {"continued": True, "fresh": False}
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Finite batches, then NaN targets forever; checkpoints every 2 steps.
   config = _config(tmp_path, stage="pretrain", total_steps=50, steps_per_epoch=50,
