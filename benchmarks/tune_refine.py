@@ -38,7 +38,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                                             "margin", "edges", "correction", "correction2",
                                             "v3", "offset", "offset2", "noise",
                                             "noise2", "background", "background2",
-                                            "erosion", "lcurve", "robust", "lcurve_cap"],
+                                            "erosion", "lcurve", "robust", "lcurve_cap",
+                                            "lcurve_cap2"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -57,7 +58,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "leaves the mask's outer rim out of the data term (data_erosion_mm); "
                           "'lcurve' chooses the L1 weight per scan (lcurve_stages); 'robust' "
                           "adds a Huber-weighted second solve to version 7 (robust_data); "
-                          "'lcurve_cap' is version 8 with one more L-curve stage.")
+                          "'lcurve_cap' is version 8 with one more L-curve stage, "
+                          "'lcurve_cap2' with caps of 6.3e-3 and 6.3e-2.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -179,6 +181,9 @@ ROBUST_SETTINGS = [_V7] + [{**_V7, "robust_data": c} for c in (2.0, 3.0, 4.0)]
 # stages (its cap, 2e-2) on most realistic tuning runs; is the cap binding?
 _V8 = {**_V7, "robust_data": 2.0}
 LCURVE_CAP_SETTINGS = [_V8, {**_V8, "lcurve_stages": 3}]
+# Where the simulator puts the cap: two L-curve stages of 10^0.75 and 10^1.25 (caps 6.3e-3 and
+# 6.3e-2 around version 8's 2e-2).
+LCURVE_CAP2_SETTINGS = [{**_V8, "lcurve_factor": 10 ** 0.75}, {**_V8, "lcurve_factor": 10 ** 1.25}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
@@ -186,7 +191,8 @@ EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "noise": NOISE_SETTINGS, "noise2": NOISE2_SETTINGS,
                   "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS,
                   "erosion": EROSION_SETTINGS, "lcurve": LCURVE_SETTINGS,
-                  "robust": ROBUST_SETTINGS, "lcurve_cap": LCURVE_CAP_SETTINGS}
+                  "robust": ROBUST_SETTINGS, "lcurve_cap": LCURVE_CAP_SETTINGS,
+                  "lcurve_cap2": LCURVE_CAP2_SETTINGS}
 
 
 def main(argv):

@@ -197,6 +197,7 @@ class ModelContract(Mapping[str, Any]):
 
   def write(self, path) -> None:
     """Writes the canonical JSON to ``path`` (a file) atomically."""
+    # Here, not at the top: reading a contract needs neither nibabel nor SciPy.
     from qsmgan_tf import nifti_io  # pylint: disable=import-outside-toplevel
     nifti_io.write_text(path, self.to_json())
 

@@ -5,7 +5,8 @@ parameter type, `params.RefineParams`. Two engines compute the same thing: ``"tf
 TensorFlow graph (`graph.run_refine_tf`, float32; what `inference.reconstruct_qsmgan` runs and
 what the SavedModel's signatures hold) and ``"numpy"``, the float64 NumPy/SciPy reference
 (`reference.refine_cg`; the oracle tests compare the graph with). The closed form has one
-implementation (NumPy) for both.
+implementation (NumPy) for both. TensorFlow is imported by the 'tf' engine only: this package
+imports without it.
 """
 
 from __future__ import annotations
