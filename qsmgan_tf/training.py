@@ -160,7 +160,8 @@ def train(config: TrainConfig, datasets: tuple | None = None,
   if config.init_from:
     # The starting weights bring their own architecture (from their contract when known).
     init_model, init_contract = _load_init_generator(config.init_from)
-    init_critic = _load_init_critic(config.init_from)
+    if any(stage == "wgan_gp" for stage, _, _ in plan_stages(config)):
+      init_critic = _load_init_critic(config.init_from)
     if init_contract and "generator" in init_contract:
       gen_config = networks.GeneratorConfig.from_dict(init_contract["generator"])
   if config.output_transform:
@@ -223,10 +224,9 @@ def _run_stage(stage, steps, offset, config, strategy, generator, gen_config, cr
                datasets, chief, model_dir, init_critic=None) -> dict[str, Any]:
   with strategy.scope():
     critic = networks.build_critic(critic_config, gen_config) if stage == "wgan_gp" else None
-  if critic is not None and init_critic is not None:
-    # A stage checkpoint, when there is one, is restored over it below.
-    _copy_weights(init_critic, critic, f"--init_from {config.init_from} critic")
-  with strategy.scope():
+    if critic is not None and init_critic is not None:
+      # A stage checkpoint, when there is one, is restored over it below.
+      _copy_weights(init_critic, critic, f"--init_from {config.init_from} critic")
     model = gan.QSMGAN(generator, critic, stage=stage, n_critic=config.n_critic,
                        lambda_gp=config.lambda_gp, lambda_adv=config.lambda_adv,
                        gradient_loss_weight=config.gradient_loss_weight,

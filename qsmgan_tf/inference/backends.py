@@ -18,10 +18,9 @@ from qsmgan_tf import networks
 from qsmgan_tf import serving
 from qsmgan_tf.errors import InputError
 from qsmgan_tf.inference.contract import generator_config
-from qsmgan_tf.model_contract import ModelContract
 from qsmgan_tf.inference.graph import make_network_volume_fn, make_predict_volume_fn
 from qsmgan_tf.inference.options import PRECISIONS
-
+from qsmgan_tf.model_contract import ModelContract
 
 
 def default_model_path() -> pathlib.Path:

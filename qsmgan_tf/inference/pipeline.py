@@ -157,10 +157,8 @@ def reconstruct_qsmgan(field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0
     if outputs is not None:
       chi = outputs["chi_ppm"]
       timings["network_and_refine_s"] = time.perf_counter() - t0
-      values = params.as_dict()
-      info["refine"] = {"method": "cg", **values, **uses_magnitude, "in_graph": True,
-                        **refine_lib.noise_info(field, mask, values),
-                        **refine_lib.shrinkage_info(field, mask, voxel, b0, values)}
+      info["refine"] = {**refine_lib.cg_record(field, mask, voxel, b0, params.as_dict()),
+                        **uses_magnitude, "in_graph": True}
       if "tv_weight_used" in outputs:  # models exported before it was an output lack it
         info["refine"]["tv_weight_used"] = float(outputs["tv_weight_used"])
       info["residual_before"] = float(outputs["residual_before"])

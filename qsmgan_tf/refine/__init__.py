@@ -172,7 +172,7 @@ from qsmgan_tf.refine.graph import (field_residual_tf, refine_tf, run_refine_tf,
 from qsmgan_tf.refine.params import (CLOSED_FORM_DEFAULTS, DEFAULTS, MAX_FIT_OFFSET, METHODS,
                                      RefineParams, check_magnitude, resolve_method, resolve_params,
                                      uses_magnitude, without_magnitude)
-from qsmgan_tf.refine.entry import ENGINES, refine
+from qsmgan_tf.refine.entry import ENGINES, cg_record, refine
 from qsmgan_tf.refine.reference import field_residual, refine_cg, refine_closed_form
 from qsmgan_tf.refine.statistics import (field_noise_ppm, field_noise_tf, noise_info,
                                          regularisation_scale, regularisation_scale_tf,

@@ -23,6 +23,13 @@ from qsmgan_tf.refine.statistics import noise_info, shrinkage_info
 ENGINES = ("tf", "numpy")
 
 
+def cg_record(field_ppm, mask, voxel_size_mm, b0_dir, params: dict) -> dict[str, Any]:
+  """What a sidecar keeps of a CG refinement, besides the L1 weight it used: its parameters,
+  the noise scale (`statistics.noise_info`) and the shrinkage gains (`shrinkage_info`)."""
+  return {"method": "cg", **params, **noise_info(field_ppm, mask, params),
+          **shrinkage_info(field_ppm, mask, voxel_size_mm, b0_dir, params)}
+
+
 def _residual(engine: str, chi, field_ppm, mask, voxel_size_mm, b0_dir) -> float:
   """The relative field residual (`reference.field_residual`) with the engine's arithmetic."""
   if engine == "numpy":
@@ -92,8 +99,7 @@ def refine(chi_net, field_ppm, mask, voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0.0,
       from qsmgan_tf.refine.graph import run_refine_tf  # pylint: disable=import-outside-toplevel
       chi, tv_used = run_refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, values,
                                    magnitude, return_weight=True)
-    info = {"method": "cg", **values, **noise_info(field_ppm, mask, values),
-            **shrinkage_info(field_ppm, mask, voxel_size_mm, b0_dir, values),
+    info = {**cg_record(field_ppm, mask, voxel_size_mm, b0_dir, values),
             "tv_weight_used": tv_used}
   info["residual_before"] = before
   info["residual_after"] = _residual(engine, chi, field_ppm, mask, voxel_size_mm, b0_dir)

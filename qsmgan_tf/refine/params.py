@@ -13,6 +13,9 @@ from qsmgan_tf.classical import operators
 MAX_FIT_OFFSET = 4
 """Largest ``fit_offset``: a polynomial background up to degree 3 (20 terms)."""
 
+_MAGNITUDE_OFF = {"magnitude_edge_fraction": 0.0, "magnitude_weighting": 0}
+"""The parameters' magnitude uses switched off: what runs when no magnitude is given."""
+
 
 @dataclasses.dataclass(frozen=True)
 class RefineParams:
@@ -118,7 +121,7 @@ class RefineParams:
 
   def without_magnitude(self) -> RefineParams:
     """These parameters with the magnitude's uses off: what runs when no magnitude is given."""
-    return dataclasses.replace(self, magnitude_edge_fraction=0.0, magnitude_weighting=0)
+    return dataclasses.replace(self, **_MAGNITUDE_OFF)
 
 
 _FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(RefineParams)}
@@ -135,7 +138,7 @@ def uses_magnitude(params) -> bool:
 
 def without_magnitude(params: dict) -> dict:
   """``params`` (a dict) with the magnitude's uses off: what runs when no magnitude is given."""
-  return {**params, "magnitude_edge_fraction": 0.0, "magnitude_weighting": 0}
+  return {**params, **_MAGNITUDE_OFF}
 
 
 def _as_params(params) -> RefineParams:
