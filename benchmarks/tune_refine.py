@@ -39,7 +39,7 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                                             "v3", "offset", "offset2", "noise",
                                             "noise2", "background", "background2",
                                             "erosion", "lcurve", "robust", "lcurve_cap",
-                                            "lcurve_cap2", "reginska"],
+                                            "lcurve_cap2", "reginska", "bregman"],
                           "Parameter grid: 'small' and 'full' scan mu and the L1 weight; 'fine' "
                           "probes around the shipped model's choice, 'converge' below its mu "
                           "and with more iterations; 'magnitude' adds the magnitude's edges and "
@@ -61,7 +61,8 @@ _GRID = flags.DEFINE_enum("grid", "small", ["small", "full", "fine", "converge",
                           "'lcurve_cap' is version 8 with one more L-curve stage, "
                           "'lcurve_cap2' with caps of 6.3e-3 and 6.3e-2; 'reginska' keeps a "
                           "stage while the L-curve's slope is >= 1 (Reginska's minimum of "
-                          "misfit x TV).")
+                          "misfit x TV); 'bregman' adds one or two Bregman passes to "
+                          "version 8.")
 _ABLATE = flags.DEFINE_string("ablate", None, "Instead of a grid: run this one setting "
                               "(key=value,...) from three priors, the network's map, zero and "
                               "TKD, to show what the network contributes to the refined result.")
@@ -190,6 +191,8 @@ LCURVE_CAP2_SETTINGS = [{**_V8, "lcurve_factor": 10 ** 0.75}, {**_V8, "lcurve_fa
 # while -dlog(TV)/dlog(misfit) >= 1, at version 8's stages and at half-decade stages up to 6.3e-2.
 REGINSKA_SETTINGS = [{**_V8, "lcurve_slope": 1.0},
                      {**_V8, "lcurve_slope": 1.0, "lcurve_factor": 10 ** 0.5, "lcurve_stages": 5}]
+# Version 8 with one and two Bregman passes: the contrast the L1 term took goes back in.
+BREGMAN_SETTINGS = [{**_V8, "bregman": 1}, {**_V8, "bregman": 2}]
 EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "edges": EDGE_SETTINGS, "correction": CORRECTION_SETTINGS,
                   "correction2": CORRECTION2_SETTINGS, "v3": V3_SETTINGS,
@@ -198,7 +201,8 @@ EXTRA_SETTINGS = {"magnitude": MAGNITUDE_SETTINGS, "margin": MARGIN_SETTINGS,
                   "background": BACKGROUND_SETTINGS, "background2": BACKGROUND2_SETTINGS,
                   "erosion": EROSION_SETTINGS, "lcurve": LCURVE_SETTINGS,
                   "robust": ROBUST_SETTINGS, "lcurve_cap": LCURVE_CAP_SETTINGS,
-                  "lcurve_cap2": LCURVE_CAP2_SETTINGS, "reginska": REGINSKA_SETTINGS}
+                  "lcurve_cap2": LCURVE_CAP2_SETTINGS, "reginska": REGINSKA_SETTINGS,
+                  "bregman": BREGMAN_SETTINGS}
 
 
 def main(argv):
