@@ -115,6 +115,23 @@ def contrast_slope(chi_ppm: np.ndarray, truth_ppm: np.ndarray, mask: np.ndarray)
   return float(np.dot(x, y)) / denominator if denominator > 0.0 else math.nan
 
 
+def pooled_patch_nrmse(err2, ref2) -> tuple[float, float]:
+  """Training's patch NRMSE (`gan.NRMSE`) and its standard error (`gan.NRMSEStandardError`), %,
+  from per-patch sums ``err2_i = sum (pred - true)^2`` and ``ref2_i = sum true^2``:
+  ``100 sqrt(R)``, ``R = sum err2 / sum ref2``, and the delta method's
+  ``100 SE(R) / (2 sqrt R)``, ``SE(R)^2 = n var_i(err2_i - R ref2_i) / (sum ref2)^2``.
+  The standard error is 0 for fewer than two patches."""
+  e = np.asarray(err2, dtype=np.float64).ravel()
+  r = np.asarray(ref2, dtype=np.float64).ravel()
+  if e.shape != r.shape or not len(e) or not r.sum() > 0:
+    raise InputError("pooled_patch_nrmse needs as many err2 as ref2 sums and a positive ref2")
+  ratio = e.sum() / r.sum()
+  if len(e) < 2 or ratio <= 0:
+    return float(100 * math.sqrt(ratio)), 0.0
+  var_ratio = len(e) * np.var(e - ratio * r, ddof=1) / r.sum() ** 2
+  return float(100 * math.sqrt(ratio)), float(50 * math.sqrt(var_ratio / ratio))
+
+
 def _spectrum(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """FFT of the map demeaned over the mask and zeroed outside it (float64)."""
   x = np.where(mask, volume.astype(np.float64) - float(np.mean(volume[mask], dtype=np.float64)),

@@ -140,7 +140,9 @@ class ValidationImages(keras.callbacks.Callback):
 
 
 class BestGenerator(keras.callbacks.Callback):
-  """Keeps generator_best.keras at the lowest val_nrmse (best.json holds the score)."""
+  """Keeps generator_best.keras at the lowest val_nrmse (best.json holds the score and its
+  standard error over the validation patches, ``val_nrmse_se``: two checkpoints whose scores
+  differ by less than about twice it are not ranked by this validation set)."""
 
   def __init__(self, model_dir: str, stage: str, step_fn: Callable[[], int]):
     super().__init__()
@@ -160,7 +162,10 @@ class BestGenerator(keras.callbacks.Callback):
     if not _all_finite(self.model.generator.weights):
       return
     self.best = value
+    error = float((logs or {}).get("val_nrmse_se", math.nan))
     save_keras_atomic(self.model.generator, self.path)
-    nifti_io.write_json(self.record, {"val_nrmse": value, "step": self.step_fn(),
-                                      "stage": self.stage, "epoch": epoch + 1})
-    logging.info("new best val NRMSE %.2f %% at step %d", value, self.step_fn())
+    nifti_io.write_json(self.record, {"val_nrmse": value,
+                                      "val_nrmse_se": error if math.isfinite(error) else None,
+                                      "step": self.step_fn(), "stage": self.stage,
+                                      "epoch": epoch + 1})
+    logging.info("new best val NRMSE %.2f +- %.2f %% at step %d", value, error, self.step_fn())

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from qsmgan_tf import distribute
 from qsmgan_tf import gan
+from qsmgan_tf import metrics
 from qsmgan_tf import networks
 
 CONFIG = networks.PRESETS["test_tiny"]
@@ -141,15 +142,58 @@ def test_nrmse_metric_known_values():
   np.testing.assert_allclose(float(metric.result()), 100.0, rtol=1e-6)
 
 
+def test_nrmse_standard_error_matches_a_bootstrap_over_patches():
+  """The delta-method standard error of the pooled NRMSE against an independent estimate: the
+  spread of the score over 4,000 resamplings of the patches (with replacement)."""
+  rng = np.random.default_rng(5)
+  n = 120
+  true = rng.standard_normal((n, 6, 6, 6, 1)).astype(np.float32)
+  true *= rng.uniform(0.2, 2.0, (n, 1, 1, 1, 1)).astype(np.float32)  # patches of unequal energy
+  pred = (true * rng.uniform(0.5, 1.0, (n, 1, 1, 1, 1))
+          + 0.3 * rng.standard_normal(true.shape)).astype(np.float32)
+  metric, se = gan.NRMSE(), gan.NRMSEStandardError()
+  for batch in np.array_split(np.arange(n), 7):  # batches of unequal size add up
+    metric.update_state(true[batch], pred[batch])
+    se.update_state(true[batch], pred[batch])
+  e = ((pred - true) ** 2).sum(axis=(1, 2, 3, 4), dtype=np.float64)
+  r = (true ** 2).sum(axis=(1, 2, 3, 4), dtype=np.float64)
+  np.testing.assert_allclose(float(metric.result()), 100 * np.sqrt(e.sum() / r.sum()), rtol=1e-5)
+  draws = rng.integers(0, n, (4000, n))
+  boot = 100 * np.sqrt(e[draws].sum(axis=1) / r[draws].sum(axis=1))
+  assert float(se.result()) == pytest.approx(boot.std(), rel=0.1)
+  # The NumPy form the benchmarks use (metrics.pooled_patch_nrmse) is the same.
+  assert metrics.pooled_patch_nrmse(e, r) == pytest.approx(
+      (float(metric.result()), float(se.result())), rel=1e-4)
+  # Twice the patches of the same kind: about 1/sqrt(2) of the error.
+  se.reset_state()
+  se.update_state(np.concatenate([true, true]), np.concatenate([pred, pred]))
+  assert float(se.result()) == pytest.approx(boot.std() / np.sqrt(2), rel=0.1)
+  # One patch has no spread to measure.
+  se.reset_state()
+  se.update_state(true[:1], pred[:1])
+  assert float(se.result()) == 0.0
+
+
 def test_test_step_reports_l1_and_nrmse(mirrored):
+  """The scores of the whole batch, not the mean of the two replicas' scores: the second
+  replica's patches are made almost right (NRMSE ~10 % there, ~100 % on the first)."""
   model = _model(mirrored, "pretrain")
   field, chi = _batch()
+  pred = np.asarray(model.generator(field))
+  chi[2:] = pred[2:] + 0.1 * np.std(pred[2:]) * np.random.default_rng(1).standard_normal(
+      pred[2:].shape)
   result = model.evaluate(tf.data.Dataset.from_tensors((field, chi)), verbose=0,
                           return_dict=True)
-  pred = np.asarray(model.generator(field))
   np.testing.assert_allclose(result["l1_ppm"], np.abs(pred - chi).mean(), rtol=1e-4)
   expected = 100 * np.sqrt(((pred - chi)**2).sum() / (chi**2).sum())
-  np.testing.assert_allclose(result["nrmse"], expected, rtol=1e-3)
+  per_replica = [100 * np.sqrt(((pred - chi)[h]**2).sum() / (chi[h]**2).sum())
+                 for h in (slice(0, 2), slice(2, 4))]
+  assert abs(np.mean(per_replica) - expected) > 0.05 * expected  # the test can tell them apart
+  np.testing.assert_allclose(result["nrmse"], expected, rtol=1e-4)
+  # The replicas' patch moments add up: the delta-method error over all four patches.
+  _, want_se = metrics.pooled_patch_nrmse(((pred - chi) ** 2).sum(axis=(1, 2, 3, 4)),
+                                          (chi ** 2).sum(axis=(1, 2, 3, 4)))
+  np.testing.assert_allclose(result["nrmse_se"], want_se, rtol=1e-3)
 
 
 def test_mixed_bfloat16_runs_the_gan_step():

@@ -133,6 +133,9 @@ def test_two_stage_run_writes_contract_models_and_tensorboard(tmp_path):
               "gen_voxel_loss"):
     assert any(tag in t for t in train_tags), (tag, train_tags)
   assert any("nrmse" in t for t in _tags(tmp_path / "logs" / "validation"))
+  assert any("nrmse_se" in t for t in _tags(tmp_path / "logs" / "validation"))
+  best = json.loads((tmp_path / "best.json").read_text())
+  assert best["val_nrmse"] > 0 and best["val_nrmse_se"] > 0  # the score and its error
   assert any(t.startswith("val_slices") for t in _tags(tmp_path / "logs" / "images"))
 
 

@@ -143,6 +143,15 @@ multiplied by it. Voxels within ``c`` robust deviations keep weight 1; beyond, t
 linearly. On a field without such outliers it still takes weight from residual the prior
 left, a small cost (tests/test_refine.py).
 
+An L1 term takes contrast as well as roughness: it is biased towards flat maps, and the larger
+its weight, the lower the map's slope on the truth. ``bregman = n > 0`` runs n Bregman passes
+(Osher et al. 2005, "An iterative regularization method for total variation-based image
+restoration") after the others: each solves again from ``chi_net`` at the L1 weight the last pass
+kept (no L-curve), with the last pass's projected residual added to the weighted field,
+``b_k+1 = b_k + P (W field - B x_k) = P (b_k - B x_k)``. What the L1 term left unexplained in the
+data, contrast first, goes back in; each pass also gives back noise and model error, so n is
+small. Ignored without the L1 term (tests/test_refine.py).
+
 Two implementations with the same defaults (`DEFAULTS`): NumPy/SciPy (`refine_cg`, the
 reference, float64 CG) and TensorFlow (`refine_tf`, dynamic shapes, float32; used inside the
 SavedModel's ``predict_volume`` and ``refine`` signatures and by local inference, so a CLI run

@@ -64,7 +64,8 @@ def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"]
               lcurve_slope=DEFAULTS["lcurve_slope"],
               lcurve_reweights=DEFAULTS["lcurve_reweights"],
               fine_shrinkage=DEFAULTS["fine_shrinkage"], fit_level=DEFAULTS["fit_level"],
-              robust_data=DEFAULTS["robust_data"], magnitude=None, return_weight=False):
+              robust_data=DEFAULTS["robust_data"], bregman=DEFAULTS["bregman"], magnitude=None,
+              return_weight=False):
   """CG data-consistency refinement in TensorFlow; same maths, defaults and argument order as
   `reference.refine_cg`.
 
@@ -101,6 +102,8 @@ def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"]
       (`reference.refine_cg`); scalar.
     robust_data: > 0 = a second solve with Huber weights at this many robust deviations of the
       first solve's data residual (`reference.refine_cg`, `robust_weights_tf`); scalar.
+    bregman: this many Bregman passes after the others, each with the last residual added back
+      to the field (`reference.refine_cg`); scalar.
     magnitude: optional magnitude [X, Y, Z] (positive mean inside the mask); None ignores the
       two above. Traced callers without a magnitude pass any volume with both set to 0.
     return_weight: also return the L1 weight used (after the noise scale and the L-curve).
@@ -247,7 +250,8 @@ def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"]
   factor = tf.cast(lcurve_factor, tf.float32)
   slope_min = tf.cast(lcurve_slope, tf.float32)
 
-  def solve_weighted(weight, reweigh):  # `reference.refine_cg`'s, and the next pass's data weight
+  def solve_weighted(weight, added_r, tv_start, pass_stages, residual_needed):
+    """`reference.refine_cg`'s: ``(x, tv_weight used, P (W field + added - B x) or zeros)``."""
     def forward(x):  # B x = W D (M x); A = P B, P applied once, in A^T (`terms._weighted_operator`)
       return tf.signal.irfft3d(tf.signal.rfft3d(m * x) * kernel, fft_length=grid) * weight
 
@@ -256,7 +260,7 @@ def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"]
                                fft_length=grid) * m
 
     weight_r = to_residual_grid(weight)
-    weighted_field_r = weight_r * field_r
+    weighted_field_r = weight_r * field_r + added_r
 
     def forward_r(x_r):  # B on the residual's grid
       return tf.signal.irfft3d(tf.signal.rfft3d(m_r * x_r) * kernel_r,
@@ -336,7 +340,7 @@ def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"]
       tv = tf.boolean_mask(tf.sqrt(tf.reduce_sum(g * g, axis=0)), m > 0.5)
       return misfit(x), tf.reduce_mean(tv)
 
-    x = solve(x0, tv_weight, outer)
+    x = solve(x0, tv_start, outer)
 
     def stage_body(stage, x, tv_weight, misfit_x, tv_x, done):  # `lcurve._lcurve_continuation`
       x_next = solve(x0, tv_weight * factor, stage_steps)
@@ -350,28 +354,40 @@ def refine_tf(chi_net, field_ppm, mask, voxel_size_mm, b0_dir, mu=DEFAULTS["mu"]
               tf.where(keep, misfit_next, misfit_x), tf.where(keep, tv_next, tv_x),
               tf.logical_not(keep))
 
-    start = tf.cond(stages > 0, lambda: point(x), lambda: (tf.constant(0.0), tf.constant(0.0)))
+    start = tf.cond(pass_stages > 0, lambda: point(x),
+                    lambda: (tf.constant(0.0), tf.constant(0.0)))
     _, x, used, _, _, _ = tf.while_loop(
-        lambda stage, *rest: tf.logical_and(stage <= stages, tf.logical_not(rest[-1])),
-        stage_body, (tf.constant(1), x, tv_weight, start[0], start[1], tf.constant(False)))
-    # The next pass's weight (only when there is one: the residual costs a large-grid FFT pair).
-    weight = tf.cond(reweigh, lambda: weight * robust_weights_tf(
-        from_residual_grid(projected_residual(x)), m, robust_data), lambda: weight)
-    return x, used, weight
+        lambda stage, *rest: tf.logical_and(stage <= pass_stages, tf.logical_not(rest[-1])),
+        stage_body, (tf.constant(1), x, tv_start, start[0], start[1], tf.constant(False)))
+    # Only when a next pass uses it: the residual costs a large-grid FFT pair.
+    residual = tf.cond(residual_needed, lambda: projected_residual(x),
+                       lambda: tf.zeros_like(field_r))
+    return x, used, residual
 
-  # robust_data: a second pass with Huber weights on the first's residual
-  # (`reference.refine_cg`). One loop over the passes traces the solve once (a tf.cond over two
-  # solves would trace it twice).
+  # robust_data: a second pass with Huber weights on the first's residual; bregman: passes with
+  # the last residual added back to the field (`reference.refine_cg`). One loop over the passes
+  # traces the solve once (a tf.cond over several solves would trace it that many times).
   robust_data = tf.cast(robust_data, tf.float32)
-  passes = tf.where(robust_data > 0, 2, 1)
+  weighted_passes = tf.where(robust_data > 0, 2, 1)
+  passes = weighted_passes + tf.where(use_tv, tf.maximum(tf.cast(bregman, tf.int32), 0), 0)
 
-  def pass_body(i, weight, x, used):
-    del x, used
-    x, used, weight = solve_weighted(weight, i + 1 < passes)
-    return i + 1, weight, x, used
+  def pass_body(i, weight, added_r, x, used):
+    del x
+    # A Bregman pass keeps the weight the last pass chose; the others start from the given one.
+    bregman_pass = i >= weighted_passes
+    x, used, residual = solve_weighted(
+        weight, added_r, tf.where(bregman_pass, used, tv_weight),
+        tf.where(bregman_pass, 0, stages), i + 1 < passes)
+    next_weighted = i + 1 < weighted_passes
+    weight = tf.cond(next_weighted, lambda: weight * robust_weights_tf(
+        from_residual_grid(residual), m, robust_data), lambda: weight)
+    # Bregman: b_k+1 = b_k + P (W field - B x) = P (b_k - B x), the residual just computed.
+    added_r = tf.where(next_weighted, added_r, residual)
+    return i + 1, weight, added_r, x, used
 
-  _, _, x, tv_weight = tf.while_loop(
-      lambda i, *_: i < passes, pass_body, (tf.constant(0), weight, x0, tv_weight))
+  _, _, _, x, tv_weight = tf.while_loop(
+      lambda i, *_: i < passes, pass_body,
+      (tf.constant(0), weight, tf.zeros_like(field_r), x0, tv_weight))
   inner = physics_tf.crop_from(x, size)
   full = tf.shape(m_full)
   chi = tf.pad(inner, tf.stack([begin, full - begin - size], axis=1)) * m_full

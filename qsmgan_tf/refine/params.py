@@ -71,6 +71,8 @@ class RefineParams:
   """1 or 2: chi's uniform level left to the network (2: the L1 term does not see it either)."""
   robust_data: float = 0.0
   """> 0: a second solve with Huber weights at this many robust deviations of the residual."""
+  bregman: int = 0
+  """Bregman passes after the others: the last residual added back to the field (L1 only)."""
 
   @classmethod
   def resolve(cls, contract=None, **overrides) -> RefineParams:
@@ -99,6 +101,7 @@ class RefineParams:
         ("fit_offset", 0 <= self.fit_offset <= MAX_FIT_OFFSET, f"in 0..{MAX_FIT_OFFSET}"),
         ("data_erosion_mm", self.data_erosion_mm >= 0, ">= 0"),
         ("robust_data", self.robust_data >= 0, ">= 0"),
+        ("bregman", self.bregman >= 0, ">= 0"),
         ("lcurve_stages", self.lcurve_stages >= 0, ">= 0"),
         ("lcurve_factor", self.lcurve_factor > 1, "> 1"),
         ("lcurve_reweights", self.lcurve_reweights >= 1, ">= 1")):

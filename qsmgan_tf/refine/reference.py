@@ -40,6 +40,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
               fine_shrinkage: int = DEFAULTS["fine_shrinkage"],
               fit_level: int = DEFAULTS["fit_level"],
               robust_data: float = DEFAULTS["robust_data"],
+              bregman: int = DEFAULTS["bregman"],
               magnitude: np.ndarray | None = None, return_weight: bool = False):
   """CG data-consistency refinement (NumPy/SciPy reference).
 
@@ -93,6 +94,9 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     robust_data: > 0 = after the solve (and the L-curve), weight each voxel's data term by
       Huber's `robust_weights` of its residual at this many robust standard deviations and
       solve again, the L-curve included, from ``chi_net`` (package docstring); 0 = one solve.
+    bregman: > 0 = this many Bregman passes after those: each solves again from ``chi_net`` at
+      the L1 weight kept, its weighted field the last pass's plus that pass's projected
+      residual, ``b_k+1 = P (b_k - B x)`` (package docstring); needs ``tv_weight > 0``.
     magnitude: optional magnitude image [X, Y, Z] (any scale); None ignores the two above.
     return_weight: also return the L1 weight used (after the noise scale and the L-curve).
 
@@ -146,9 +150,11 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
 
   edges0 = edge_mask(x0) if use_tv else None
 
-  def solve_weighted(weight):
-    """The whole solve (and the L-curve) with data weight ``weight``: ``(x, tv_weight, r)``,
-    ``r()`` the map's projected, weighted data residual on the CG grid."""
+  def solve_weighted(weight, added_r=0.0, tv_start=tv_weight, stages=int(lcurve_stages)):
+    """The whole solve (and ``stages`` of the L-curve) with data weight ``weight`` and
+    ``added_r`` added to the weighted field on the residual's grid, from the L1 weight
+    ``tv_start``: ``(x, tv_weight, r)``, ``r()`` the map's projected, weighted data residual
+    ``P (W field + added - B x)`` on the residual's grid."""
     weight_r = to_residual_grid(weight) if corrected else weight
     # The level's field is the residual grid's on both grids: the small grid's own (its
     # periodic images are close) would leave the CG steps a near-null direction that the
@@ -159,7 +165,7 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
     forward_r, adjoint_r, project_r = (
         _weighted_operator(grid_r, weight_r, fit_offset, kernel_r, level_r) if corrected
         else (forward, adjoint, project))
-    weighted_field_r = weight_r * f_r
+    weighted_field_r = weight_r * f_r + added_r
 
     def residual(x):  # P (W field - B x) on the residual's grid
       return project_r(weighted_field_r - forward_r(to_residual_grid(x.astype(np.float32))))
@@ -213,20 +219,26 @@ def refine_cg(chi_net: np.ndarray, field_ppm: np.ndarray, mask: np.ndarray,
       return x + delta
 
     steps = max(int(reweights), 1) if use_tv or corrected else 1
-    x = solve(x0.copy(), tv_weight, steps)
-    tv_weight_used = tv_weight
-    if use_tv and int(lcurve_stages) > 0:
+    x = solve(x0.copy(), tv_start, steps)
+    tv_weight_used = tv_start
+    if use_tv and stages > 0:
       stage_steps = max(int(lcurve_reweights), 1)
       x, tv_weight_used, _ = _lcurve_continuation(
-          x, tv_weight, lambda tv: solve(x0.copy(), tv, stage_steps),
-          lambda x: _lcurve_point(misfit(x), x, m, vs, pairs), lcurve_stages, lcurve_factor,
+          x, tv_start, lambda tv: solve(x0.copy(), tv, stage_steps),
+          lambda x: _lcurve_point(misfit(x), x, m, vs, pairs), stages, lcurve_factor,
           lcurve_slope)
-    return x, tv_weight_used, lambda: from_residual_grid(residual(x))
+    return x, tv_weight_used, lambda: residual(x)
 
   x, tv_weight_used, final_residual = solve_weighted(weight)
   if robust_data > 0:  # the residual (a large-grid FFT pair) only when a second pass uses it
-    x, tv_weight_used, _ = solve_weighted(
-        weight * robust_weights(final_residual(), grid.mask, robust_data))
+    weight = weight * robust_weights(from_residual_grid(final_residual()), grid.mask, robust_data)
+    x, tv_weight_used, final_residual = solve_weighted(weight)
+  # Bregman (Osher et al. 2005): each pass solves again, from chi_net at the weight kept, with
+  # b_k+1 = b_k + P (W field - B x) = P (b_k - B x) as the weighted field: what the L1 term took
+  # from the data (contrast) goes back in, pass by pass.
+  for _ in range(max(int(bregman), 0) if use_tv else 0):
+    x, tv_weight_used, final_residual = solve_weighted(
+        weight, final_residual(), tv_weight_used, stages=0)
   chi = grid.from_grid(x.astype(np.float32), mask)
   if int(fine_shrinkage) > 0:
     chi, _ = shrinkage_lib.shrink(chi, np.where(mask, chi_net, 0.0), field_ppm, mask,
