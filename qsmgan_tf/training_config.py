@@ -84,8 +84,11 @@ class TrainConfig:
 
 # Named bundles of defaults (presets are flag defaults, not code). Explicit values win.
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    # 250 validation batches (500 patches): enough to rank checkpoints 0.7 NRMSE points apart
+    # (paired standard error ~0.35 at 500 patches; benchmarks/checkpoint_ranking.py, BUILD.md);
+    # 64 patches only ranked differences of ~2 points. ~75 s per validation on 2 cores.
     "paper": dict(total_steps=20000, steps_per_epoch=500, global_batch_size=2,
-                  checkpoint_every_steps=500, log_every_steps=50, val_steps=32),
+                  checkpoint_every_steps=500, log_every_steps=50, val_steps=250),
     # ~0.32 s per pretrain step in bfloat16 on 2 cores (benchmarks/train_step.py): 800 pretrain
     # + 200 WGAN-GP steps fit the README's 20-minute end-to-end budget.
     "cpu_small": dict(total_steps=1000, gan_fraction=0.2, steps_per_epoch=100,
