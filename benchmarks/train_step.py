@@ -251,14 +251,20 @@ def main():
 
   child = [sys.executable, os.path.abspath(__file__), f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--batch={args.batch}"]
+  from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel
+
+  # The pipeline must not be the bottleneck: the same step fed from TFRecords, with the
+  # fastest configuration asked for (records of its preset's patch sizes).
+  presets, precisions = args.presets.split(","), args.precisions.split(",")
+  fastest = "cpu_small" if "cpu_small" in presets else presets[0]
+  record_precision = "mixed_bfloat16" if "mixed_bfloat16" in precisions else precisions[0]
+  config = networks.PRESETS[fastest]
   with tempfile.TemporaryDirectory() as data_dir:
-    write_records(data_dir, 64)
+    write_records(data_dir, 64, config.input_patch, config.output_patch)
     subprocess.run(child + ["--read_rate", f"--data_dir={data_dir}"], check=True)
-    runs = [(p, q, s, "memory") for p in args.presets.split(",")
-            for q in args.precisions.split(",") for s in args.stages.split(",")]
-    # The pipeline must not be the bottleneck: the same step fed from TFRecords.
-    fastest = "cpu_small" if "cpu_small" in args.presets.split(",") else args.presets.split(",")[0]
-    runs.append((fastest, "mixed_bfloat16", "pretrain", "tfrecord"))
+    runs = [(p, q, s, "memory") for p in presets for q in precisions
+            for s in args.stages.split(",")]
+    runs.append((fastest, record_precision, "pretrain", "tfrecord"))
     for run in runs:
       subprocess.run(child + [f"--one={','.join(run)}", f"--data_dir={data_dir}"], check=True)
 
