@@ -53,19 +53,6 @@ TRAINING_COUNTS = (64, 200)
 """Validation patches training has used (version 1-5: 32 batches of 2; version 6 on: 100)."""
 
 
-def _generator(spec: str):
-  """A Keras generator from what ``spec`` names (`model_location.resolve_model`)."""
-  import keras  # pylint: disable=import-outside-toplevel
-
-  from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import model_location  # pylint: disable=import-outside-toplevel
-  from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel,unused-import
-  location = model_location.resolve_model(spec)
-  if location.kind == "saved_model":
-    return exporting.generator_from_saved_model(location.path)[0]
-  return keras.saving.load_model(str(location.path), compile=False)
-
-
 def _patch_sums(generator, batches) -> tuple[np.ndarray, np.ndarray]:
   """Per-patch ``(err2, ref2)`` of ``generator`` over ``batches`` of (field, chi)."""
   err2, ref2 = [], []
@@ -95,6 +82,7 @@ def main(argv):
   if _PATCHES.value < 2 or _BATCH.value < 1 or _BOOTSTRAP.value < 10:
     raise InputError("--patches must be >= 2, --batch_size >= 1, --bootstrap >= 10")
   from qsmgan_tf import data  # pylint: disable=import-outside-toplevel
+  from qsmgan_tf import exporting  # pylint: disable=import-outside-toplevel
 
   with data.shard_errors_named(_DATA_DIR.value, "val"):
     batches = [(np.asarray(f), np.asarray(c)) for f, c in data.make_dataset(
@@ -105,7 +93,7 @@ def main(argv):
   sums = {}
   for spec in _MODELS.value:
     start = time.perf_counter()
-    sums[spec] = _patch_sums(_generator(spec), batches)
+    sums[spec] = _patch_sums(exporting.generator_from(spec)[0], batches)
     n = len(sums[spec][0])
     row = {"model": spec, "patches": n, "seconds": round(time.perf_counter() - start, 1)}
     for count in sorted({c for c in TRAINING_COUNTS if c < n} | {n}):

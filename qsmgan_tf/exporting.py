@@ -53,7 +53,7 @@ from typing import Any
 from absl import logging
 
 from qsmgan_tf.model_contract import CONTRACT_FILE, ModelContract, json_ready
-from qsmgan_tf.model_location import list_versions, resolve_saved_model
+from qsmgan_tf.model_location import list_versions, resolve_model, resolve_saved_model
 from qsmgan_tf.serving import (CONTRACT, CONTRACT_OUTPUT, NETWORK_VOLUME, PATCH_INPUT,
                                PATCH_OUTPUT, PREDICT_VOLUME, PREDICT_VOLUME_MAGNITUDE, REFINE,
                                SERVING_DEFAULT)
@@ -340,6 +340,28 @@ def _float32_generator_with(weights: dict[str, Any], contract: dict[str, Any], s
   for w in generator.weights:
     w.assign(keras.ops.cast(weights[w.path], "float32"))
   return generator
+
+
+def generator_from(path) -> tuple[Any, ModelContract | None]:
+  """(Keras generator, contract or None) from what ``path`` names (`resolve_model`): a .keras
+  file, a training folder (its generator, best first) or an exported SavedModel.
+
+  Raises:
+    InputError: nothing usable there, or a .keras file that does not load.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+
+  from qsmgan_tf import networks  # pylint: disable=import-outside-toplevel,unused-import
+  location = resolve_model(path)
+  if location.kind == "saved_model":
+    return generator_from_saved_model(location.path)
+  contract = location.contract() if location.contract_path else None
+  try:
+    model = keras.models.load_model(location.path, compile=False)
+  except Exception as exc:  # pylint: disable=broad-except
+    raise InputError(f"is not a loadable .keras generator: {path} ({exc})") from None
+  logging.info("generator %s", location.path)
+  return model, contract
 
 
 def generator_from_saved_model(path) -> tuple[Any, ModelContract]:

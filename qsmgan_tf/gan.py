@@ -70,10 +70,11 @@ def _global_sums(*values):
   """Metric sums over every replica: inside a replica's step a variable reads as that replica's
   share, and Keras averages the replicas' logs, so a ratio of sums would come out as the mean
   of the replicas' ratios (all-reduced here instead); elsewhere the read is already the sum."""
+  values = [tf.convert_to_tensor(v) for v in values]
   context = tf.distribute.get_replica_context()
   if context is None or context.num_replicas_in_sync == 1:
-    return [tf.convert_to_tensor(v) for v in values]
-  return context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(v) for v in values])
+    return values
+  return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
 class NRMSE(keras.metrics.Metric):

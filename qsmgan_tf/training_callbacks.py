@@ -141,8 +141,10 @@ class ValidationImages(keras.callbacks.Callback):
 
 class BestGenerator(keras.callbacks.Callback):
   """Keeps generator_best.keras at the lowest val_nrmse (best.json holds the score and its
-  standard error over the validation patches, ``val_nrmse_se``: two checkpoints whose scores
-  differ by less than about twice it are not ranked by this validation set)."""
+  standard error over the validation patches, ``val_nrmse_se``: how far the score itself could
+  move on another draw of patches. Checkpoints of one run share most of their errors, so the
+  error of their difference is smaller, a quarter to a sixth of it on the realistic simulator;
+  ``benchmarks/checkpoint_ranking.py`` measures it)."""
 
   def __init__(self, model_dir: str, stage: str, step_fn: Callable[[], int]):
     super().__init__()

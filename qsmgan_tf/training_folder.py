@@ -90,18 +90,9 @@ def _load_init_generator(path: str) -> tuple[keras.Model, ModelContract | None]:
   folder (its generator as `model_location.GENERATOR_FILES` order them, best first) or an
   exported SavedModel (a version folder or a model base path such as saved_models/qsmgan)."""
   try:
-    location = model_location.resolve_model(path)
-    if location.kind == "saved_model":
-      return exporting.generator_from_saved_model(location.path)
+    return exporting.generator_from(path)
   except InputError as exc:
     raise InputError(f"--init_from {exc}") from None
-  contract = location.contract() if location.contract_path else None
-  try:
-    model = keras.models.load_model(location.path, compile=False)
-  except Exception as exc:  # pylint: disable=broad-except
-    raise InputError(f"--init_from is not a loadable .keras generator: {path} ({exc})") from None
-  logging.info("--init_from: generator %s", location.path)
-  return model, contract
 
 
 def _load_init_critic(path: str) -> keras.Model | None:
