@@ -152,7 +152,6 @@ def train(config: TrainConfig, datasets: tuple | None = None,
   precision = distribute.set_precision(config.precision)
   chief = distribute.is_chief(strategy)
   model_dir = os.path.abspath(config.model_dir)
-  os.makedirs(model_dir, exist_ok=True)
   keras.utils.set_random_seed(config.seed)
 
   gen_config = gen_config or networks.PRESETS[config.preset]
@@ -177,6 +176,8 @@ def train(config: TrainConfig, datasets: tuple | None = None,
   critic_config = networks.CRITIC_PRESETS[config.preset]
 
   data_info = _manifest_info(config.data_dir) if datasets is None else {}
+  # Created once the inputs are checked: a bad --init_from or dataset leaves no empty folder.
+  os.makedirs(model_dir, exist_ok=True)
   if chief:
     nifti_io.write_json(os.path.join(model_dir, "flags.json"), config.to_dict())
     build_contract(gen_config, critic_config, config, data_info, precision).write(

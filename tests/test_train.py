@@ -256,6 +256,16 @@ def test_init_from_refuses_a_generator_of_another_preset(tmp_path):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_a_bad_init_from_is_one_error_and_writes_nothing(tmp_path):
+  (tmp_path / "bad.keras").write_text("not a zip")
+  for source, message in ((tmp_path / "missing.keras", "--init_from model not found"),
+                          (tmp_path / "bad.keras", "--init_from is not a loadable .keras")):
+    model_dir = tmp_path / "run"
+    with pytest.raises(InputError, match=message):
+      training.train(_config(model_dir, init_from=str(source)), datasets=_in_memory())
+    assert not model_dir.exists()
+
+
 def test_presets_are_defaults_and_explicit_values_win():
   config = training_config.resolve_config("test_tiny", model_dir="m", total_steps=None, n_critic=7)
   assert config.total_steps == training_config.PRESET_TRAINING["test_tiny"]["total_steps"]
